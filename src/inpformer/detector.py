@@ -1,0 +1,234 @@
+"""The public detector: construct, fit, evaluate, predict, save, load (scikit-learn style)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .backbone import load_encoder
+from .config import Config, config_from_dict, make_config
+from .data import ImageDataset, Preprocess, Sample, read_image
+from .errors import InpformerError
+from .metrics import METRIC_NAMES, compute_metrics
+from .model import INPFormerNet
+from .scoring import AnomalyScorer
+from .training import TrainingLog, seed_everything, train
+
+log = logging.getLogger("inpformer")
+CHECKPOINT_FORMAT = "inpformer-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class ScoredImages:
+    """Scores (and maps, masks) of a list of samples, in the samples' order."""
+
+    samples: list[Sample]
+    scores: np.ndarray  # (N,) float32
+    maps: np.ndarray  # (N, map_size, map_size) float32
+    masks: np.ndarray | None = None  # (N, map_size, map_size) uint8 0/1, when ground truth was read
+
+
+@dataclass
+class Evaluation:
+    """Metrics per category plus their mean, and the scored images they came from."""
+
+    metrics: dict[str, dict[str, float]]  # category -> metric name -> value
+    mean: dict[str, float]
+    images: list[ScoredImages] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A plain-text table, one row per category and a mean row, values in percent."""
+        width = max(8, *(len(c) for c in self.metrics))
+        rows = [f"{'category':<{width}} " + " ".join(f"{m:>8}" for m in METRIC_NAMES)]
+        for name, values in [*self.metrics.items(), ("mean", self.mean)]:
+            rows.append(f"{name:<{width}} " + " ".join(_percent(values[m]) for m in METRIC_NAMES))
+        return "\n".join(rows)
+
+
+class INPFormer:
+    """An INP-Former anomaly detector.
+
+    >>> model = INPFormer(preset="cpu", iterations=300)
+    >>> model.fit(load_mvtec("data/tire", "train"))
+    >>> print(model.evaluate(load_mvtec("data/tire", "test")).table())
+    >>> model.save("tire.pt"); model = INPFormer.load("tire.pt")
+    """
+
+    def __init__(self, preset: str = "cpu", **settings):
+        self._setup(make_config(preset, **settings))
+
+    @classmethod
+    def from_config(cls, config: Config) -> INPFormer:
+        detector = cls.__new__(cls)
+        detector._setup(config)
+        return detector
+
+    def _setup(self, config: Config) -> None:
+        self.config = config
+        self.categories: list[str] = []
+        self.backbone_source: str = ""
+        self.training_log: TrainingLog | None = None
+        self.net: INPFormerNet | None = None
+        self.scorer = AnomalyScorer(self.config.crop_size, self.config.map_size, self.config.blur_kernel,
+                                    self.config.blur_sigma, self.config.top_ratio)
+        self.preprocess = Preprocess(self.config.image_size, self.config.crop_size)
+
+    def _build(self) -> INPFormerNet:
+        seed_everything(self.config.seed)
+        encoder, self.backbone_source = load_encoder(self.config.backbone, self.config.crop_size,
+                                                     self.config.backbone_weights)
+        return INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, self.config.num_inps,
+                            self.config.decoder_depth)
+
+    def fit(self, samples: Sequence[Sample], progress: bool = True) -> INPFormer:
+        """Trains on the good images among `samples` (defective ones are ignored)."""
+        good = [s for s in samples if s.label == 0]
+        if not good:
+            raise InpformerError("no good training images given; fit() needs images of defect-free parts")
+        self.categories = sorted({s.category for s in good})
+        self.net = self._build()
+        log.info("training on %d good images of %s", len(good), ", ".join(self.categories))
+        self.training_log = train(self.net, ImageDataset(good, self.preprocess), self.config, progress=progress)
+        return self
+
+    def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
+              zero_shot: bool = False, progress: bool = False) -> ScoredImages:
+        """Anomaly maps (map_size x map_size, as the metrics use them) and image scores."""
+        net = self._require_net()
+        loader = DataLoader(ImageDataset(list(samples), self.preprocess, with_masks=with_masks), batch_size=batch_size)
+        maps, scores, masks = [], [], []
+        with torch.inference_mode():
+            for batch in _maybe_progress(loader, progress):
+                batch_maps, batch_scores = self.scorer(net(batch["image"]), zero_shot=zero_shot)
+                maps.append(batch_maps.numpy())
+                scores.append(batch_scores.numpy())
+                if with_masks:
+                    mask = F.interpolate(batch["mask"][:, None].float(), size=self.config.map_size, mode="nearest")
+                    masks.append(mask[:, 0].to(torch.uint8).numpy())
+        return ScoredImages(list(samples), np.concatenate(scores), np.concatenate(maps),
+                            np.concatenate(masks) if with_masks else None)
+
+    def evaluate(self, samples: Sequence[Sample], zero_shot: bool = False, progress: bool = True) -> Evaluation:
+        """Per-category metrics on labelled test samples (pixel metrics when masks exist)."""
+        by_category: dict[str, list[Sample]] = {}
+        for sample in samples:
+            by_category.setdefault(sample.category, []).append(sample)
+        metrics, scored = {}, []
+        for category, items in by_category.items():
+            result = self.score(items, with_masks=True, zero_shot=zero_shot, progress=progress)
+            has_masks = any(s.mask_path is not None for s in items)
+            labels = np.array([s.label for s in items])
+            metrics[category] = compute_metrics(labels, result.scores, result.masks if has_masks else None,
+                                                result.maps if has_masks else None)
+            scored.append(result)
+        mean = {m: float(np.mean([v[m] for v in metrics.values()])) for m in METRIC_NAMES}
+        return Evaluation(metrics, mean, scored)
+
+    def predict(self, images: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,
+                zero_shot: bool = False) -> ScoredImages:
+        """Scores and maps for image paths or RGB uint8 arrays (H, W, 3)."""
+        if isinstance(images, (str, Path, np.ndarray)):
+            images = [images]
+        net = self._require_net()
+        arrays = [read_image(i) if isinstance(i, (str, Path)) else i for i in images]
+        batch = torch.stack([self.preprocess(a) for a in arrays])
+        with torch.inference_mode():
+            maps, scores = self.scorer(net(batch), zero_shot=zero_shot)
+        samples = [Sample(Path(i) if isinstance(i, (str, Path)) else Path("<array>"), "", 0, "", None)
+                   for i in images]
+        return ScoredImages(samples, scores.numpy(), maps.numpy())
+
+    def save(self, path: str | Path) -> Path:
+        """Writes one self-describing checkpoint file, atomically (a crash never leaves a half-written file)."""
+        net = self._require_net()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "backbone": {"name": self.config.backbone, "source": self.backbone_source},
+            "categories": self.categories,
+            "state_dict": {k: v for k, v in net.state_dict().items() if not k.startswith("encoder.")},
+            "training": asdict(self.training_log) if self.training_log else {},
+            "versions": _versions(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> INPFormer:
+        """Rebuilds a detector from `save`'s file (the backbone weights come from their recorded source)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InpformerError(f"{path}: checkpoint not found; pass the model file written by training")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise InpformerError(f"{path}: not a readable inpformer checkpoint ({_short(error)}); "
+                                 "retrain or pass the model file written by training") from None
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise InpformerError(f"{path}: not an inpformer checkpoint; pass the model file written by training")
+        detector = cls.from_config(config_from_dict(checkpoint["config"]))
+        detector.categories = list(checkpoint["categories"])
+        detector.training_log = TrainingLog(**checkpoint["training"]) if checkpoint["training"] else None
+        detector.net = detector._build()
+        missing, unexpected = detector.net.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith("encoder.")]
+        if missing or unexpected:
+            raise InpformerError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unexpected "
+                                 f"{unexpected[:3]}); it was written by an incompatible version")
+        detector.net.eval()
+        return detector
+
+    def _require_net(self) -> INPFormerNet:
+        if self.net is None:
+            raise InpformerError("the detector is not trained; call fit() or INPFormer.load() first")
+        return self.net
+
+
+def _maybe_progress(loader: DataLoader, progress: bool):
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc="scoring", unit="batch")
+
+
+def _percent(value: float) -> str:
+    return f"{'n/a':>8}" if np.isnan(value) else f"{100 * value:8.2f}"
+
+
+def _short(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def _versions() -> dict[str, str]:
+    names = ("inpformer", "torch", "timm", "numpy")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions

@@ -1,0 +1,9 @@
+"""The one exception type users see: a clear, one-line message naming the file and the fix."""
+
+
+class InpformerError(Exception):
+    """A problem with the user's input (file, folder, option, checkpoint), not a bug.
+
+    The CLI prints ``str(error)`` on one line and exits with status 2; the message must name
+    the offending file or option and say how to fix it.
+    """

@@ -1,0 +1,37 @@
+"""Heat-map overlays of anomaly maps on the images the model saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+from .data import Preprocess, read_image
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
+    """Blends a jet-coloured anomaly map (resized to the image) over an (H, W, 3) uint8 image."""
+    height, width = image.shape[:2]
+    resized = np.asarray(Image.fromarray(anomaly_map.astype(np.float32)).resize((width, height), Image.BILINEAR))
+    normalised = np.clip((resized - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    heat = colormaps["jet"](normalised)[..., :3] * 255
+    return (alpha * heat + (1 - alpha) * image).astype(np.uint8)
+
+
+def save_heatmaps(scored, preprocess: Preprocess, out_dir: str | Path) -> list[Path]:
+    """One PNG per image (the image as the model saw it | its overlay), named by score rank, on a colour scale
+    shared by all images so that they can be compared."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vmin, vmax = float(scored.maps.min()), float(scored.maps.max())
+    written = []
+    for rank, index in enumerate(np.argsort(-scored.scores)):
+        sample = scored.samples[index]
+        view = preprocess.view(read_image(sample.path))
+        panel = np.hstack([view, overlay(view, scored.maps[index], vmin, vmax)])
+        path = out_dir / f"{rank:03d}_{sample.defect_type or 'image'}_{scored.scores[index]:.4f}_{sample.path.stem}.png"
+        Image.fromarray(panel).save(path)
+        written.append(path)
+    return written
