@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from inpformer import make_config, test_run, train_run
+from inpformer import DataSource, make_config, test_run, train_run
 from inpformer.metrics import METRIC_NAMES
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     rows = []
     for setting in args.settings.split(","):
         run_dir = Path(args.out) / setting
-        run = train_run([args.data], run_dir, config, setting, categories, progress=False)
+        run = train_run([DataSource(args.data)], run_dir, config, setting, categories, progress=False)
         start = time.perf_counter()
         evaluation = test_run(run_dir, progress=False)
         test_seconds = time.perf_counter() - start

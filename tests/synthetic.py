@@ -1,7 +1,10 @@
-"""Generators of tiny MVTec-style datasets for tests: smooth textures, defects are solid discs."""
+"""Generators of tiny datasets for tests (MVTec AD, VisA, Real-IAD, plain folders): smooth textures, defects are
+solid discs."""
 
 from __future__ import annotations
 
+import csv
+import json
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,3 +83,148 @@ def make_mvtec(
                     folder / "ground_truth" / defect_type / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255
                 )
     return root
+
+
+def _category_rng(seed: int, category: str) -> tuple[np.random.Generator, np.ndarray]:
+    """A generator deterministic in ``seed`` and ``category``, and the category's base colour."""
+    rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
+    return rng, rng.uniform(90, 170, size=3)
+
+
+def make_visa_raw(
+    root: Path,
+    categories: Sequence[str] = ("candle",),
+    n_normal: int = 8,
+    n_anomaly: int = 3,
+    size: int = 64,
+    seed: int = 0,
+    n_test_normal: int = 2,
+) -> Path:
+    """Write a miniature raw VisA release under ``root`` and return ``root``.
+
+    Per category: ``Data/Images/{Normal,Anomaly}/*.JPG`` and ``Data/Masks/Anomaly/*.png`` whose defect pixels hold
+    the small values 1, 2, 3 (as VisA's masks do); ``split_csv/1cls.csv`` puts the last ``n_test_normal`` normal
+    images and all anomalies in the test split, the other normal images in the train split.
+    """
+    root = Path(root)
+    rows = []
+    for category in categories:
+        rng, base = _category_rng(seed, category)
+        data = Path(category) / "Data"
+        for i in range(n_normal):
+            image_path = data / "Images" / "Normal" / f"{i:04d}.JPG"
+            save_image(root / image_path, textured_image(rng, size, base))
+            split = "test" if i >= n_normal - n_test_normal else "train"
+            rows.append([category, split, "normal", image_path.as_posix(), ""])
+        for i in range(n_anomaly):
+            image, mask = add_defect(rng, textured_image(rng, size, base))
+            image_path = data / "Images" / "Anomaly" / f"{i:03d}.JPG"
+            mask_path = data / "Masks" / "Anomaly" / f"{i:03d}.png"
+            save_image(root / image_path, image)
+            save_image(root / mask_path, mask.astype(np.uint8) * (1 + i % 3))
+            rows.append([category, "test", "anomaly", image_path.as_posix(), mask_path.as_posix()])
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as file:
+        csv.writer(file).writerows([["object", "split", "label", "image", "mask"], *rows])
+    return root
+
+
+def make_visa_1cls(
+    root: Path,
+    categories: Sequence[str] = ("candle",),
+    n_train: int = 6,
+    n_good_test: int = 3,
+    n_defect: int = 3,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write VisA converted to the MVTec layout ("1cls"): ``train/good``, ``test/{good,bad}`` and
+    ``ground_truth/bad/<stem>.png`` (mask named as its image, defect values 1, 2, 3). Returns ``root``.
+    """
+    root = Path(root)
+    for category in categories:
+        rng, base = _category_rng(seed, category)
+        folder = root / category
+        for i in range(n_train):
+            save_image(folder / "train" / "good" / f"{i:03d}.JPG", textured_image(rng, size, base))
+        for i in range(n_good_test):
+            save_image(folder / "test" / "good" / f"{i:03d}.JPG", textured_image(rng, size, base))
+        for i in range(n_defect):
+            image, mask = add_defect(rng, textured_image(rng, size, base))
+            save_image(folder / "test" / "bad" / f"{i:03d}.JPG", image)
+            save_image(folder / "ground_truth" / "bad" / f"{i:03d}.png", mask.astype(np.uint8) * (1 + i % 3))
+    return root
+
+
+REALIAD_DEFECT_CLASSES = ("AK", "HS")  # Real-IAD's codes for pit and scratch
+
+
+def make_realiad(
+    root: Path,
+    categories: Sequence[str] = ("audiojack",),
+    n_train: int = 6,
+    n_good_test: int = 3,
+    n_defect: int = 3,
+    size: int = 64,
+    seed: int = 0,
+    json_dir: str = "realiad_jsons",
+) -> Path:
+    """Write a miniature Real-IAD release under ``root`` and return ``root``.
+
+    Images: ``realiad_1024/<cat>/OK/S<id>/<cat>_<id>_OK_C1_<time>.jpg`` and
+    ``realiad_1024/<cat>/NG/<class>/S<id>/<cat>_<id>_NG_C1_<time>.jpg`` with the ``.png`` mask beside (defect
+    value 255 or small values); ``<json_dir>/<json_dir>/<cat>.json`` lists them with paths relative to
+    ``<cat>``. Defect classes alternate over REALIAD_DEFECT_CLASSES.
+    """
+    root = Path(root)
+    jsons = root / json_dir / json_dir
+    jsons.mkdir(parents=True, exist_ok=True)
+    for category in categories:
+        rng, base = _category_rng(seed, category)
+        folder = root / "realiad_1024" / category
+        records: dict[str, list[dict]] = {"train": [], "test": []}
+        for i in range(n_train + n_good_test):
+            name = Path("OK") / f"S{i:04d}" / f"{category}_{i:04d}_OK_C1_20240101000000.jpg"
+            save_image(folder / name, textured_image(rng, size, base))
+            split = "train" if i < n_train else "test"
+            records[split].append({"category": category, "anomaly_class": "OK", "image_path": name.as_posix(),
+                                   "mask_path": None})
+        for i in range(n_defect):
+            sample = n_train + n_good_test + i
+            defect = REALIAD_DEFECT_CLASSES[i % len(REALIAD_DEFECT_CLASSES)]
+            name = Path("NG") / defect / f"S{sample:04d}" / f"{category}_{sample:04d}_NG_C1_20240101000000.jpg"
+            image, mask = add_defect(rng, textured_image(rng, size, base))
+            save_image(folder / name, image)
+            save_image(folder / name.with_suffix(".png"), mask.astype(np.uint8) * (255 if i % 2 else 1 + i))
+            records["test"].append({"category": category, "anomaly_class": defect, "image_path": name.as_posix(),
+                                    "mask_path": name.with_suffix(".png").as_posix()})
+        meta = {"prefix": "", "normal_class": "OK"}
+        (jsons / f"{category}.json").write_text(json.dumps({"meta": meta, **records}, indent=1))
+    return root
+
+
+def make_folder(
+    root: Path, n_good: int = 6, n_test_good: int = 3, n_defect: int = 3, with_masks: bool = True,
+    size: int = 64, seed: int = 0,
+) -> dict[str, Path]:
+    """Write plain folders of images: ``good``, ``test_good``, ``test_defect`` and (``with_masks``) ``masks``.
+
+    Returns their paths by the keys "good", "test_good", "test_defective" and "masks". Mask names vary over
+    ``<stem>.png``, ``<stem>_mask.png`` and ``<stem>_mask.bmp`` (0/255 values).
+    """
+    root = Path(root)
+    rng, base = _category_rng(seed, root.name)
+    folders = {"good": root / "good", "test_good": root / "test_good", "test_defective": root / "test_defect"}
+    for i in range(n_good):
+        save_image(folders["good"] / f"{i:03d}.png", textured_image(rng, size, base))
+    for i in range(n_test_good):
+        save_image(folders["test_good"] / f"{i:03d}.png", textured_image(rng, size, base))
+    if with_masks:
+        folders["masks"] = root / "masks"
+    for i in range(n_defect):
+        image, mask = add_defect(rng, textured_image(rng, size, base))
+        save_image(folders["test_defective"] / f"{i:03d}.png", image)
+        if with_masks:
+            mask_name = (f"{i:03d}.png", f"{i:03d}_mask.png", f"{i:03d}_mask.bmp")[i % 3]
+            save_image(folders["masks"] / mask_name, mask.astype(np.uint8) * 255)
+    return folders

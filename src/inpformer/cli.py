@@ -8,19 +8,28 @@ from collections.abc import Sequence
 
 from .backbone import BACKBONES
 from .config import PRESETS, make_config
+from .datasets import DATASET_KINDS
 from .errors import InpformerError
-from .runs import SETTINGS, test_run, train_run
+from .runs import SETTINGS, DataSource, test_run, train_run
+
+CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "iterations", "epochs", "batch_size",
+                  "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
+                  "coherence_weight", "seed", "feature_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inpformer", description="INP-Former visual anomaly detection")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train one model per category (single) or one for all (multi)")
-    train.add_argument("--data", nargs="+", required=True, metavar="ROOT",
-                       help="MVTec-layout dataset root(s) or a single category folder")
+    train = commands.add_parser("train", help="train: single, multi, super-multi or few-shot setting")
+    _add_data_options(train)
     train.add_argument("--categories", type=_comma_list, help="comma-separated subset of categories, e.g. a,b")
-    train.add_argument("--setting", choices=SETTINGS, default="single")
+    train.add_argument("--setting", choices=SETTINGS, default="single",
+                       help="single: a model per category; multi: one for all; super-multi: one for several "
+                            "datasets; few-shot: --shots images per category, expanded x22")
+    train.add_argument("--shots", type=int, metavar="K", help="few-shot: training images per category")
+    train.add_argument("--repeats", type=int, default=1, metavar="N",
+                       help="few-shot: N independent draws, reported as mean ± std")
     train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     train.add_argument("--backbone", choices=sorted(BACKBONES))
     train.add_argument("--backbone-weights", metavar="PATH", help="local DINOv2 weights (.pth or .safetensors)")
@@ -44,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     test = commands.add_parser("test", help="evaluate a run: metrics table, metrics.json/csv, scores.csv")
     test.add_argument("run_dir", metavar="RUN_DIR")
-    test.add_argument("--data", nargs="+", metavar="ROOT", help="test data root(s); default: the training data")
+    _add_data_options(test, required=False)
+    test.add_argument("--categories", type=_comma_list, help="evaluate only these categories")
+    test.add_argument("--model", metavar="NAME", help="evaluate only this model of the run (see run.json)")
+    test.add_argument("--zero-shot", action="store_true",
+                      help="apply the run's model to unseen data; map = distance of each token to its nearest INP")
     test.add_argument("--save-maps", action="store_true", help="also write RUN_DIR/maps.npz (maps and masks)")
     test.add_argument("--quiet", action="store_true")
 
@@ -55,9 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "iterations", "epochs", "batch_size",
-                  "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
-                  "coherence_weight", "seed", "feature_cache")
+def _add_data_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    data = parser.add_argument_group("data (a dataset root, several roots, or plain folders)")
+    data.add_argument("--data", nargs="+", metavar="ROOT",
+                      help="dataset root(s) in MVTec-AD, VisA or Real-IAD layout, or one category folder"
+                           + ("" if required else "; default: the training data"))
+    data.add_argument("--dataset", choices=("auto", *DATASET_KINDS[:-1]), default="auto",
+                      help="layout of --data (default: detected)")
+    data.add_argument("--realiad-json-dir", metavar="NAME", help="Real-IAD split folder, e.g. realiad_jsons_sv")
+    data.add_argument("--data-good", metavar="DIR", help="plain folder of good images (instead of --data)")
+    data.add_argument("--data-test-good", metavar="DIR", help="plain folder of good test images")
+    data.add_argument("--data-test-defect", metavar="DIR", help="plain folder of defective test images")
+    data.add_argument("--data-masks", metavar="DIR", help="masks of the defective test images (same names)")
+
+
+def _sources(args: argparse.Namespace, required: bool) -> list[DataSource] | None:
+    if args.data and args.data_good:
+        raise InpformerError("give either --data ROOT or --data-good DIR, not both")
+    if args.data_good:
+        return [DataSource(args.data_good, "folder", args.data_test_good, args.data_test_defect, args.data_masks)]
+    if args.data:
+        return [DataSource(root, args.dataset, json_dir=args.realiad_json_dir) for root in args.data]
+    if required:
+        raise InpformerError("no training data: give --data ROOT (a dataset) or --data-good DIR (good images)")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,10 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             config = make_config(args.preset, **{k: getattr(args, k) for k in CONFIG_OPTIONS})
-            train_run(args.data, args.out, config, args.setting, args.categories, progress=not args.quiet)
+            train_run(_sources(args, required=True), args.out, config, args.setting, args.categories,
+                      shots=args.shots, repeats=args.repeats, progress=not args.quiet)
             print(f"trained; next: inpformer test {args.out}")
         elif args.command == "test":
-            evaluation = test_run(args.run_dir, args.data, args.save_maps, progress=not args.quiet)
+            evaluation = test_run(args.run_dir, _sources(args, required=False), args.categories, args.model,
+                                  args.zero_shot, args.save_maps, progress=not args.quiet)
             print(evaluation.table())
         elif args.command == "demo":
             from .demo import run_demo

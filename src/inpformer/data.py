@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +103,12 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, nonzero: bool = False) -> np.ndarray:
     """Read a defect mask as an (H, W) bool array: True where the value exceeds half of its range.
 
     Colour masks use the maximum over channels; 1-bit masks are taken as is. Integer masks whose only
     values are 0 and 1 are read as label masks (1 = defect), since thresholding them would lose the defect.
+    With ``nonzero`` every value above 0 is a defect (VisA and Real-IAD masks hold small class values).
     """
     image = _open(Path(path), "mask")
     if image.mode == "1":
@@ -116,6 +117,8 @@ def read_mask(path: str | Path) -> np.ndarray:
         values = np.asarray(image)
     else:
         values = np.asarray(image.convert("RGB")).max(axis=2)
+    if nonzero:
+        return values > 0
     kind, itemsize, top = values.dtype.kind, values.dtype.itemsize, values.max(initial=0)
     if kind in "iu" and top == 1:
         return values == 1
@@ -134,7 +137,10 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of a dataset; ``label`` is 0 for good and 1 for defective."""
+    """One image of a dataset; ``label`` is 0 for good and 1 for defective.
+
+    ``mask_nonzero``: any non-zero mask value marks a defect (see ``read_mask``).
+    """
 
     path: Path
     category: str
@@ -142,6 +148,7 @@ class Sample:
     defect_type: str
     mask_path: Path | None
     dataset: str = "mvtec"
+    mask_nonzero: bool = False
 
 
 def _is_category_dir(path: Path) -> bool:
@@ -211,8 +218,13 @@ def _load_test(category: str, folder: Path) -> list[Sample]:
     return samples
 
 
-def load_mvtec(root: str | Path, split: str, categories: Sequence[str] | None = None) -> list[Sample]:
-    """List the samples of ``split`` ("train": train/good only, or "test") in a deterministic order."""
+def load_mvtec(
+    root: str | Path, split: str, categories: Sequence[str] | None = None, mask_nonzero: bool = False
+) -> list[Sample]:
+    """List the samples of ``split`` ("train": train/good only, or "test") in a deterministic order.
+
+    ``mask_nonzero`` reads any non-zero mask value as defect (e.g. VisA converted to this layout).
+    """
     if split not in ("train", "test"):
         raise InpformerError(f"{root}: unknown split {split!r}; use 'train' or 'test'")
     dirs = _category_dirs(Path(root))
@@ -223,7 +235,8 @@ def load_mvtec(root: str | Path, split: str, categories: Sequence[str] | None = 
     if unknown:
         raise InpformerError(f"{root}: unknown category {', '.join(unknown)}; available: {', '.join(dirs)}")
     load = _load_train if split == "train" else _load_test
-    return [sample for name in names for sample in load(name, dirs[name])]
+    samples = [sample for name in names for sample in load(name, dirs[name])]
+    return [replace(s, mask_nonzero=True) for s in samples] if mask_nonzero else samples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,12 +274,15 @@ class Preprocess:
         return np.asarray(image.crop((left, top, left + crop, top + crop)))
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, crop, crop) float32 normalised tensor."""
+        """(H, W, 3) uint8 RGB (or (H, W) gray) -> (3, crop, crop) float32 normalised tensor."""
         image = np.asarray(image, dtype=np.uint8)
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
-        pixels = self._geometry(Image.fromarray(image, "RGB"), Image.Resampling.BILINEAR)
-        tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        return self.normalize(self.view(image))
+
+    def normalize(self, view: np.ndarray) -> torch.Tensor:
+        """(crop, crop, 3) uint8 -> (3, crop, crop) float32, scaled to [0, 1] and normalised."""
+        tensor = torch.from_numpy(np.array(view)).permute(2, 0, 1).float().div_(255.0)
         return (tensor - self.mean) / self.std
 
     def view(self, image: np.ndarray) -> np.ndarray:
@@ -302,7 +318,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if sample.mask_path is None:
             crop = self.preprocess.crop_size
             return np.zeros((crop, crop), dtype=bool)
-        mask = read_mask(sample.mask_path)
+        mask = read_mask(sample.mask_path, nonzero=sample.mask_nonzero)
         if mask.shape != shape:
             raise InpformerError(
                 f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.path} is "

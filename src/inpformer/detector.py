@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,45 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .augment import ExpandedDataset
 from .backbone import load_encoder
 from .config import Config, config_from_dict, make_config
 from .data import ImageDataset, Preprocess, Sample, read_image
 from .errors import InpformerError
-from .metrics import METRIC_NAMES, compute_metrics
+from .metrics import compute_metrics
 from .model import INPFormerNet
+from .results import Evaluation, ScoredImages
 from .scoring import AnomalyScorer
 from .training import TrainingLog, seed_everything, train
 
 log = logging.getLogger("inpformer")
 CHECKPOINT_FORMAT = "inpformer-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class ScoredImages:
-    """Scores (and maps, masks) of a list of samples, in the samples' order."""
-
-    samples: list[Sample]
-    scores: np.ndarray  # (N,) float32
-    maps: np.ndarray  # (N, map_size, map_size) float32
-    masks: np.ndarray | None = None  # (N, map_size, map_size) uint8 0/1, when ground truth was read
-
-
-@dataclass
-class Evaluation:
-    """Metrics per category plus their mean, and the scored images they came from."""
-
-    metrics: dict[str, dict[str, float]]  # category -> metric name -> value
-    mean: dict[str, float]
-    images: list[ScoredImages] = field(default_factory=list)
-
-    def table(self) -> str:
-        """A plain-text table, one row per category and a mean row, values in percent."""
-        width = max(8, *(len(c) for c in self.metrics))
-        rows = [f"{'category':<{width}} " + " ".join(f"{m:>8}" for m in METRIC_NAMES)]
-        for name, values in [*self.metrics.items(), ("mean", self.mean)]:
-            rows.append(f"{name:<{width}} " + " ".join(_percent(values[m]) for m in METRIC_NAMES))
-        return "\n".join(rows)
 
 
 class INPFormer:
@@ -92,15 +67,17 @@ class INPFormer:
         return INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, self.config.num_inps,
                             self.config.decoder_depth)
 
-    def fit(self, samples: Sequence[Sample], progress: bool = True) -> INPFormer:
-        """Trains on the good images among `samples` (defective ones are ignored)."""
+    def fit(self, samples: Sequence[Sample], augment: bool = False, progress: bool = True) -> INPFormer:
+        """Trains on the good images among `samples` (defective ones are ignored); with `augment` (few-shot),
+        each image is expanded into the paper's 22 fixed variants."""
         good = [s for s in samples if s.label == 0]
         if not good:
             raise InpformerError("no good training images given; fit() needs images of defect-free parts")
         self.categories = sorted({s.category for s in good})
         self.net = self._build()
         log.info("training on %d good images of %s", len(good), ", ".join(self.categories))
-        self.training_log = train(self.net, ImageDataset(good, self.preprocess), self.config, progress=progress)
+        dataset = ExpandedDataset(good, self.preprocess) if augment else ImageDataset(good, self.preprocess)
+        self.training_log = train(self.net, dataset, self.config, progress=progress)
         return self
 
     def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
@@ -128,13 +105,13 @@ class INPFormer:
         metrics, scored = {}, []
         for category, items in by_category.items():
             result = self.score(items, with_masks=True, zero_shot=zero_shot, progress=progress)
-            has_masks = any(s.mask_path is not None for s in items)
+            has_masks = any(s.label == 1 for s in items) and all(
+                s.mask_path is not None for s in items if s.label == 1)
             labels = np.array([s.label for s in items])
             metrics[category] = compute_metrics(labels, result.scores, result.masks if has_masks else None,
                                                 result.maps if has_masks else None)
             scored.append(result)
-        mean = {m: float(np.mean([v[m] for v in metrics.values()])) for m in METRIC_NAMES}
-        return Evaluation(metrics, mean, scored)
+        return Evaluation(metrics, scored)
 
     def predict(self, images: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,
                 zero_shot: bool = False) -> ScoredImages:
@@ -213,10 +190,6 @@ def _maybe_progress(loader: DataLoader, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(loader, desc="scoring", unit="batch")
-
-
-def _percent(value: float) -> str:
-    return f"{'n/a':>8}" if np.isnan(value) else f"{100 * value:8.2f}"
 
 
 def _short(error: Exception) -> str:

@@ -1,8 +1,14 @@
-"""Run directories: train one detector per category (single) or one for all (multi), test them, write results.
+"""Run directories: the settings of the paper as choices of data, one training loop for all of them.
+
+    single       one model per category
+    multi        one model for all categories (with several data roots: super-multi-class)
+    few-shot     K images per category drawn with the seed, each expanded x22, one model on the union;
+                 `repeats` independent draws, reported as mean ± std
+    zero-shot    (at test time) a run's model applied to categories it never saw; map = token-to-INP distance
 
 Layout of RUN_DIR:
-    run.json            setting, data roots, categories, config, model files
-    models/<name>.pt    one checkpoint per category (single) or models/all.pt (multi)
+    run.json            setting, data sources, categories, config, model files
+    models/<name>.pt    one checkpoint per category (single), all.pt (multi) or repeat-<i>.pt (few-shot)
     train.log, test.log
     metrics.json, metrics.csv, scores.csv, maps.npz (with save_maps)   written by `test_run`
 """
@@ -10,79 +16,125 @@ Layout of RUN_DIR:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .augment import draw_shots
 from .config import Config
-from .data import Sample, find_categories, load_mvtec
-from .detector import Evaluation, INPFormer
+from .data import Sample
+from .datasets import DATASET_KINDS, load_dataset, load_folder
+from .detector import INPFormer
 from .errors import InpformerError
 from .metrics import METRIC_NAMES
+from .results import Evaluation, combine_repeats, merge
 
 log = logging.getLogger("inpformer")
-SETTINGS = ("single", "multi")
-MULTI_MODEL_NAME = "all"
+SETTINGS = ("single", "multi", "super-multi", "few-shot")
 
 
-def load_samples(roots: Sequence[str | Path], split: str, categories: Sequence[str] | None = None) -> list[Sample]:
-    """Samples of `split` from one or several MVTec-layout roots (each a dataset root or a category folder)."""
-    samples: list[Sample] = []
-    for root in roots:
-        wanted = None
-        if categories:
-            available = set(find_categories(root))
-            wanted = [c for c in categories if c in available]
-            if not wanted:
-                continue
-        samples += load_mvtec(root, split, wanted)
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset root of a supported layout (`kind` "auto" detects it), or plain folders (`kind` "folder":
+    `root` holds good training images; optional folders of good and defective test images and masks)."""
+
+    root: str
+    kind: str = "auto"
+    test_good: str | None = None
+    test_defective: str | None = None
+    masks: str | None = None
+    json_dir: str | None = None  # Real-IAD: e.g. "realiad_jsons_sv" for the single-view split
+
+    @property
+    def name(self) -> str:
+        return Path(self.root).resolve().name
+
+    def load(self, split: str) -> list[Sample]:
+        if self.kind == "folder":
+            train, test = load_folder(self.root, self.test_good, self.test_defective, self.masks)
+            return train if split == "train" else test
+        if self.kind not in ("auto", *DATASET_KINDS):
+            raise InpformerError(f"unknown --dataset {self.kind!r}; choose auto or one of {', '.join(DATASET_KINDS)}")
+        return load_dataset(self.root, split, kind=self.kind, json_dir=self.json_dir)
+
+    def to_json(self) -> dict:
+        paths = ("root", "test_good", "test_defective", "masks")
+        values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: str(Path(v).resolve()) if k in paths else v for k, v in values.items()}
+
+
+def load_samples(sources: Sequence[DataSource], split: str, categories: Sequence[str] | None = None) -> list[Sample]:
+    """Samples of `split` from every source; with several sources, categories are named "<root name>/<category>"
+    so that equal names in different datasets stay apart."""
+    qualify = len(sources) > 1
+    samples = []
+    for source in sources:
+        loaded = source.load(split)
+        if qualify:
+            loaded = [dataclasses.replace(s, category=f"{source.name}/{s.category}") for s in loaded]
+        samples += loaded
     if categories:
-        missing = sorted(set(categories) - {s.category for s in samples})
+        available = sorted({s.category for s in samples})
+        missing = [c for c in categories if c not in available]
         if missing:
-            raise InpformerError(f"categories {', '.join(missing)} not found under {', '.join(map(str, roots))}; "
-                                 "check --categories against the folder names")
+            raise InpformerError(f"categories {', '.join(missing)} not found; available: {', '.join(available)} "
+                                 "(check --categories)")
+        samples = [s for s in samples if s.category in set(categories)]
     return samples
 
 
-def train_run(data: Sequence[str | Path], out: str | Path, config: Config, setting: str = "single",
-              categories: Sequence[str] | None = None, progress: bool = True) -> dict:
+def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, setting: str = "single",
+              categories: Sequence[str] | None = None, shots: int | None = None, repeats: int = 1,
+              progress: bool = True) -> dict:
     """Trains the detector(s) of a run and writes RUN_DIR/run.json; returns its content."""
     if setting not in SETTINGS:
         raise InpformerError(f"unknown --setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+    if setting == "few-shot" and not shots:
+        raise InpformerError("--setting few-shot needs --shots K (images per category, e.g. 4)")
+    if setting == "super-multi" and len(sources) < 2:
+        raise InpformerError("--setting super-multi trains on several datasets: give --data ROOT1 ROOT2 ...")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with log_to_file(out / "train.log"):
-        samples = load_samples(data, "train", categories)
+        samples = load_samples(sources, "train", categories)
         found = sorted({s.category for s in samples})
         log.info("run %s: setting %s, %d categories (%s), %d training images", out, setting, len(found),
                  ", ".join(found), len(samples))
-        groups = {MULTI_MODEL_NAME: samples} if setting == "multi" else {
-            c: [s for s in samples if s.category == c] for c in found}
+        plans = _training_plans(setting, samples, found, config.seed, shots, repeats)
         models, seconds = {}, {}
-        for name, items in groups.items():
+        for name, (items, repeat) in plans.items():
             start = time.perf_counter()
-            detector = INPFormer.from_config(config).fit(items, progress=progress)
+            model_config = dataclasses.replace(config, seed=config.seed + repeat)
+            detector = INPFormer.from_config(model_config)
+            detector.fit(items, augment=setting == "few-shot", progress=progress)
             file = Path("models") / f"{name}.pt"
             detector.save(out / file)
             seconds[name] = time.perf_counter() - start
-            models[name] = {"file": str(file), "categories": detector.categories}
+            models[name] = {"file": str(file), "categories": detector.categories, "repeat": repeat,
+                            "training_images": [str(s.path) for s in items] if setting == "few-shot" else len(items)}
             log.info("model %s: trained in %.1f min, saved %s", name, seconds[name] / 60, out / file)
-        run = {
-            "setting": setting,
-            "data": [str(Path(d).resolve()) for d in data],
-            "categories": found,
-            "models": models,
-            "config": config.to_dict(),
-            "train_seconds": seconds,
-        }
+        run = {"setting": setting, "data": [s.to_json() for s in sources], "categories": found, "shots": shots,
+               "repeats": repeats, "models": models, "config": config.to_dict(), "train_seconds": seconds}
         (out / "run.json").write_text(json.dumps(run, indent=2))
     return run
+
+
+def _training_plans(setting: str, samples: list[Sample], categories: list[str], seed: int, shots: int | None,
+                    repeats: int) -> dict[str, tuple[list[Sample], int]]:
+    """Model name -> (its training samples, repeat index)."""
+    if setting == "single":
+        return {c.replace("/", "__"): ([s for s in samples if s.category == c], 0) for c in categories}
+    if setting == "few-shot":
+        return {f"repeat-{r}": (draw_shots(samples, shots, seed + r), r) for r in range(repeats)}
+    return {"all": (samples, 0)}
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -95,53 +147,76 @@ def read_run(run_dir: str | Path) -> dict:
         raise InpformerError(f"{path}: unreadable run file ({error}); retrain into a new --out folder") from None
 
 
-def test_run(run_dir: str | Path, data: Sequence[str | Path] | None = None, save_maps: bool = False,
-             progress: bool = True) -> Evaluation:
-    """Evaluates every model of a run on its categories' test images; writes metrics and scores files."""
+def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
+             categories: Sequence[str] | None = None, model: str | None = None, zero_shot: bool = False,
+             save_maps: bool = False, progress: bool = True) -> Evaluation:
+    """Evaluates the models of a run on their categories' test images (or, zero-shot, one model on any
+    categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into the run directory."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
-    roots = data or run["data"]
+    models = _select_models(run, model, zero_shot)
+    sources = sources or [DataSource(**d) for d in run["data"]]
     with log_to_file(run_dir / "test.log"):
-        metrics: dict[str, dict[str, float]] = {}
-        scored = []
+        samples = load_samples(sources, "test", categories)
+        if not samples:
+            raise InpformerError(f"no labelled test images in {', '.join(s.root for s in sources)}; "
+                                 "add a test split (or --data-test-good / --data-test-defect for plain folders)")
+        by_repeat: dict[int, list[Evaluation]] = {}
         start = time.perf_counter()
-        for name, model in run["models"].items():
-            detector = INPFormer.load(run_dir / model["file"])
-            samples = load_samples(roots, "test", model["categories"])
-            log.info("model %s: testing on %d images", name, len(samples))
-            evaluation = detector.evaluate(samples, progress=progress)
-            metrics.update(evaluation.metrics)
-            scored += evaluation.images
+        for name, info in models.items():
+            detector = INPFormer.load(run_dir / info["file"])
+            wanted = None if zero_shot else set(info["categories"])
+            items = [s for s in samples if wanted is None or s.category in wanted]
+            log.info("model %s: testing on %d images%s", name, len(items), " (zero-shot)" if zero_shot else "")
+            evaluation = detector.evaluate(items, zero_shot=zero_shot, progress=progress)
+            by_repeat.setdefault(info.get("repeat", 0), []).append(evaluation)
         seconds = time.perf_counter() - start
-        num_images = sum(len(s.samples) for s in scored)
+        evaluation = combine_repeats([merge(evaluations) for evaluations in by_repeat.values()])
+        num_images = sum(len(s.samples) for s in evaluation.images)
         log.info("tested %d images in %.1f s (%.1f images/s)", num_images, seconds, num_images / seconds)
-        mean = {m: float(np.mean([v[m] for v in metrics.values()])) for m in METRIC_NAMES}
-        evaluation = Evaluation(metrics, mean, scored)
+        _warn_missing_metrics(evaluation)
         write_results(run_dir, evaluation, save_maps)
     return evaluation
 
 
+def _select_models(run: dict, model: str | None, zero_shot: bool) -> dict:
+    models = run["models"]
+    if model is not None:
+        if model not in models:
+            raise InpformerError(f"--model {model}: not in this run; available: {', '.join(models)}")
+        return {model: models[model]}
+    if zero_shot and len(models) > 1:
+        raise InpformerError(f"zero-shot applies one model, this run has {len(models)} ({', '.join(models)}); "
+                             "choose one with --model NAME")
+    return models
+
+
+def _warn_missing_metrics(evaluation: Evaluation) -> None:
+    for category, values in evaluation.metrics.items():
+        missing = [m for m in METRIC_NAMES if np.isnan(values[m])]
+        if missing:
+            log.warning("%s: cannot compute %s (needs good and defective test images%s)", category,
+                        ", ".join(missing), " and defect masks" if missing[0].startswith(("P-", "AU")) else "")
+
+
 def write_results(run_dir: Path, evaluation: Evaluation, save_maps: bool) -> None:
     """metrics.json / metrics.csv (fractions; null / empty where not computable), scores.csv per image and,
-    optionally, maps.npz."""
-    def finite(values: dict[str, float]) -> dict[str, float | None]:
-        return {m: (None if np.isnan(v) else v) for m, v in values.items()}
-
-    content = {"categories": {c: finite(v) for c, v in evaluation.metrics.items()}, "mean": finite(evaluation.mean)}
-    (run_dir / "metrics.json").write_text(json.dumps(content, indent=2))
+    optionally, maps.npz with the exact maps and masks the metrics used."""
+    (run_dir / "metrics.json").write_text(json.dumps(evaluation.to_json(), indent=2))
     with open(run_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["category", *METRIC_NAMES])
-        for name, values in [*evaluation.metrics.items(), ("mean", evaluation.mean)]:
-            writer.writerow([name, *("" if np.isnan(values[m]) else f"{values[m]:.6f}" for m in METRIC_NAMES)])
+        writer.writerow(["category", *METRIC_NAMES, *(f"{m} std" for m in METRIC_NAMES if evaluation.std)])
+        for name, values, std in evaluation.rows():
+            cells = [values[m] for m in METRIC_NAMES] + ([std[m] for m in METRIC_NAMES] if std else [])
+            writer.writerow([name, *("" if np.isnan(v) else f"{v:.6f}" for v in cells)])
+    images = evaluation.images
     with open(run_dir / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "category", "defect_type", "label", "score"])
-        for scored in evaluation.images:
+        for scored in images:
             for sample, score in zip(scored.samples, scored.scores, strict=True):
                 writer.writerow([sample.path, sample.category, sample.defect_type, sample.label, f"{score:.6f}"])
     if save_maps:
-        images = evaluation.images
         np.savez_compressed(
             run_dir / "maps.npz",
             paths=np.array([str(s.path) for i in images for s in i.samples]),
