@@ -135,3 +135,14 @@ def test_corrupt_checkpoint_gets_clear_error(tmp_path, capsys):
     assert main(["test", str(run)]) == 2
     err = capsys.readouterr().err
     assert "all.pt: not a readable inpformer checkpoint" in err
+
+
+def test_demo_uses_a_disjoint_seeded_split_of_the_shipped_elpv_images():
+    from inpformer.demo import elpv_samples
+
+    train, test = elpv_samples()
+    assert len(train) == 150 and all(s.label == 0 for s in train)
+    assert sum(s.label for s in test) == 50 and len(test) == 100
+    assert not {s.path for s in train} & {s.path for s in test}
+    assert all(s.path.is_file() for s in train + test)
+    assert [s.path for s in train] == [s.path for s in elpv_samples()[0]]

@@ -51,7 +51,8 @@ def test_zero_shot_applies_a_model_to_unseen_categories(mvtec, tmp_path, capsys)
     run = tmp_path / "run"
     assert main(["train", "--data", str(mvtec), "--categories", "bolt", "--out", str(run), *TINY]) == 0
     assert main(["test", str(run), "--data", str(mvtec), "--categories", "tile", "--zero-shot", "--quiet"]) == 0
-    metrics = metrics_of(run)
+    assert not (run / "metrics.json").exists()
+    metrics = metrics_of(run / "zero-shot")
     assert set(metrics["categories"]) == {"tile"}
     assert all(0 <= v <= 1 for v in metrics["mean"].values())
 

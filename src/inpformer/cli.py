@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--zero-shot", action="store_true",
                       help="apply the run's model to unseen data; map = distance of each token to its nearest INP")
     test.add_argument("--save-maps", action="store_true", help="also write RUN_DIR/maps.npz (maps and masks)")
+    test.add_argument("--out", metavar="DIR", help="where to write the results (default: RUN_DIR, or "
+                      "RUN_DIR/zero-shot with --zero-shot)")
     test.add_argument("--quiet", action="store_true")
 
     demo = commands.add_parser("demo", help="train and evaluate on the ELPV solar-cell images shipped by PyPI")
@@ -104,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trained; next: inpformer test {args.out}")
         elif args.command == "test":
             evaluation = test_run(args.run_dir, _sources(args, required=False), args.categories, args.model,
-                                  args.zero_shot, args.save_maps, progress=not args.quiet)
+                                  args.zero_shot, args.save_maps, args.out, progress=not args.quiet)
             print(evaluation.table())
         elif args.command == "demo":
             from .demo import run_demo

@@ -11,6 +11,7 @@ Layout of RUN_DIR:
     models/<name>.pt    one checkpoint per category (single), all.pt (multi) or repeat-<i>.pt (few-shot)
     train.log, test.log
     metrics.json, metrics.csv, scores.csv, maps.npz (with save_maps)   written by `test_run`
+    zero-shot/          the same files for a zero-shot test
 """
 
 from __future__ import annotations
@@ -149,14 +150,17 @@ def read_run(run_dir: str | Path) -> dict:
 
 def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
              categories: Sequence[str] | None = None, model: str | None = None, zero_shot: bool = False,
-             save_maps: bool = False, progress: bool = True) -> Evaluation:
+             save_maps: bool = False, out: str | Path | None = None, progress: bool = True) -> Evaluation:
     """Evaluates the models of a run on their categories' test images (or, zero-shot, one model on any
-    categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into the run directory."""
+    categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into `out`: by default the run
+    directory, or RUN_DIR/zero-shot for zero-shot tests, so they never overwrite the run's own results."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     models = _select_models(run, model, zero_shot)
     sources = sources or [DataSource(**d) for d in run["data"]]
-    with log_to_file(run_dir / "test.log"):
+    out = Path(out) if out else run_dir / "zero-shot" if zero_shot else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with log_to_file(out / "test.log"):
         samples = load_samples(sources, "test", categories)
         if not samples:
             raise InpformerError(f"no labelled test images in {', '.join(s.root for s in sources)}; "
@@ -175,7 +179,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
         num_images = sum(len(s.samples) for s in evaluation.images)
         log.info("tested %d images in %.1f s (%.1f images/s)", num_images, seconds, num_images / seconds)
         _warn_missing_metrics(evaluation)
-        write_results(run_dir, evaluation, save_maps)
+        write_results(out, evaluation, save_maps)
     return evaluation
 
 
