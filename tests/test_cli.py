@@ -122,19 +122,22 @@ def test_training_is_reproducible(dataset):
 def test_bad_input_gets_one_line_error(argv, message, dataset, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, data=dataset) for a in argv]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("inpformer: error:") and message in err and len(err.splitlines()) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("inpformer: error:") and message in errors[0]
 
 
-def test_corrupt_checkpoint_gets_clear_error(tmp_path, capsys):
+def test_corrupt_checkpoint_gets_clear_error(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "models").mkdir(parents=True)
     (run / "models" / "all.pt").write_bytes(b"not a checkpoint")
-    (run / "run.json").write_text(json.dumps({"data": [str(tmp_path)], "models": {
-        "all": {"file": "models/all.pt", "categories": ["x"]}}}))
+    (run / "run.json").write_text(json.dumps({"data": [{"root": str(dataset)}], "models": {
+        "all": {"file": "models/all.pt", "categories": ["bolt"]}}}))
     assert main(["test", str(run)]) == 2
     err = capsys.readouterr().err
     assert "all.pt: not a readable inpformer checkpoint" in err
+    (run / "run.json").write_text(json.dumps({"data": [str(tmp_path)], "models": {}}))
+    assert main(["test", str(run)]) == 2
+    assert "run.json: not a run file" in capsys.readouterr().err
 
 
 def test_demo_uses_a_disjoint_seeded_split_of_the_shipped_elpv_images():

@@ -143,9 +143,15 @@ def read_run(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise InpformerError(f"{path}: not found; pass a run directory written by `inpformer train --out RUN_DIR`")
     try:
-        return json.loads(path.read_text())
+        run = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InpformerError(f"{path}: unreadable run file ({error}); retrain into a new --out folder") from None
+    valid = (isinstance(run, dict) and isinstance(run.get("models"), dict)
+             and isinstance(run.get("data"), list) and all(isinstance(d, dict) and "root" in d for d in run["data"]))
+    if not valid:
+        raise InpformerError(f"{path}: not a run file of this version (needs 'models' and 'data' entries); "
+                             "retrain into a new --out folder")
+    return run
 
 
 def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
