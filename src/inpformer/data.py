@@ -228,15 +228,21 @@ def load_mvtec(
     if split not in ("train", "test"):
         raise InpformerError(f"{root}: unknown split {split!r}; use 'train' or 'test'")
     dirs = _category_dirs(Path(root))
-    if isinstance(categories, str):
-        categories = [categories]
-    names = list(dirs) if categories is None else list(categories)
-    unknown = [name for name in names if name not in dirs]
-    if unknown:
-        raise InpformerError(f"{root}: unknown category {', '.join(unknown)}; available: {', '.join(dirs)}")
+    names = select_categories(root, list(dirs), categories)
     load = _load_train if split == "train" else _load_test
     samples = [sample for name in names for sample in load(name, dirs[name])]
     return [replace(s, mask_nonzero=True) for s in samples] if mask_nonzero else samples
+
+
+def select_categories(root: str | Path, available: Sequence[str], categories: Sequence[str] | str | None) -> list[str]:
+    """The requested categories (all by default), each checked against ``available``."""
+    if isinstance(categories, str):
+        categories = [categories]
+    names = list(available) if categories is None else list(categories)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise InpformerError(f"{root}: unknown category {', '.join(unknown)}; available: {', '.join(available)}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------

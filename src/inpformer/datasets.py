@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from inpformer.data import IMAGE_EXTENSIONS, LAYOUT_HINT, Sample, find_categories, is_image_file, load_mvtec
+from inpformer.data import (
+    IMAGE_EXTENSIONS,
+    LAYOUT_HINT,
+    Sample,
+    find_categories,
+    is_image_file,
+    load_mvtec,
+    select_categories,
+)
 from inpformer.errors import InpformerError
 
 log = logging.getLogger("inpformer")
@@ -44,17 +52,6 @@ REALIAD_LAYOUT = (
 def _check_split(root: Path, split: str) -> None:
     if split not in ("train", "test"):
         raise InpformerError(f"{root}: unknown split {split!r}; use 'train' or 'test'")
-
-
-def _select(root: Path, available: Sequence[str], categories: Sequence[str] | str | None) -> list[str]:
-    """The requested categories (all by default), each checked against ``available``."""
-    if isinstance(categories, str):
-        categories = [categories]
-    names = list(available) if categories is None else list(categories)
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise InpformerError(f"{root}: unknown category {', '.join(unknown)}; available: {', '.join(available)}")
-    return names
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -162,7 +159,7 @@ def load_visa(root: str | Path, split: str, categories: Sequence[str] | None = N
         return [replace(s, dataset="visa") for s in load_mvtec(root, split, categories, mask_nonzero=True)]
     base, csv_path, rows = _visa_rows(root)
     samples = []
-    for name in _select(root, list(rows), categories):
+    for name in select_categories(root, list(rows), categories):
         found = [_visa_sample(base, csv_path, row) for row in rows[name] if row["split"] == split]
         if not found:
             raise InpformerError(f"{csv_path}: no {split} images of {name}; use the official VisA split file")
@@ -267,7 +264,7 @@ def load_realiad(
         if name in listed and name not in available:
             raise InpformerError(f"{images / name}: images of category {name} not found; extract them there")
     samples = []
-    for name in _select(root, available, categories):
+    for name in select_categories(root, available, categories):
         json_path = jsons / f"{name}.json"
         content = _read_realiad_json(json_path)
         meta = content.get("meta")
