@@ -94,7 +94,8 @@ def test_python_api_round_trip_is_exact(dataset, tmp_path):
     np.testing.assert_array_equal(before.maps, after.maps)
     np.testing.assert_array_equal(before.scores, after.scores)
     prediction = loaded.predict(test[0].path)
-    assert prediction.scores[0] == pytest.approx(before.scores[0], rel=1e-5)
+    assert prediction.score == pytest.approx(before.scores[0], rel=1e-5)
+    assert loaded.calibration == model.calibration
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["backbone"]["name"] == "tiny_random" and "torch" in checkpoint["versions"]
     assert not any(k.startswith("encoder.") for k in checkpoint["state_dict"])

@@ -7,14 +7,26 @@ import sys
 from collections.abc import Sequence
 
 from .backbone import BACKBONES
+from .calibration import METHODS
 from .config import PRESETS, make_config
+from .data import MAX_PIXELS
 from .datasets import DATASET_KINDS
 from .errors import InpformerError
-from .runs import SETTINGS, DataSource, test_run, train_run
+from .runs import (
+    RUNTIMES,
+    SETTINGS,
+    DataSource,
+    calibrate_run,
+    export_model,
+    predict_run,
+    resolve_model,
+    test_run,
+    train_run,
+)
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "iterations", "epochs", "batch_size",
                   "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
-                  "coherence_weight", "seed", "feature_cache")
+                  "coherence_weight", "seed", "feature_cache", "val_fraction", "max_false_reject")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=False,
                        help="recompute the frozen encoder at every step (slower; same result)")
+    train.add_argument("--val-fraction", type=float, metavar="F",
+                       help="fraction of good training images held out to calibrate the thresholds (default 0.1)")
+    train.add_argument("--max-false-reject", type=float, metavar="R",
+                       help="calibrated thresholds reject at most this fraction of good images (default 0.01)")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -61,7 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--save-maps", action="store_true", help="also write RUN_DIR/maps.npz (maps and masks)")
     test.add_argument("--out", metavar="DIR", help="where to write the results (default: RUN_DIR, or "
                       "RUN_DIR/zero-shot with --zero-shot)")
+    test.add_argument("--report", action="store_true",
+                      help="also write report.html: metrics, ROC/PR curves, histograms and a gallery")
     test.add_argument("--quiet", action="store_true")
+
+    predict = commands.add_parser("predict", help="score images: decisions, maps, masks, overlays and report.html")
+    predict.add_argument("model", metavar="RUN_DIR", help="a run directory, a .pt checkpoint or an exported .onnx file")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
+    predict.add_argument("--out", required=True, metavar="DIR")
+    predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    predict.add_argument("--batch-size", type=int, default=8, metavar="B")
+    predict.add_argument("--category", help="category of the images (multi-class models infer it otherwise)")
+    predict.add_argument("--model", dest="model_name", metavar="NAME", help="which model of the run (see run.json)")
+    predict.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                         help=f"refuse larger images (decompression bombs; default {MAX_PIXELS})")
+    predict.add_argument("--quiet", action="store_true")
+
+    calibrate = commands.add_parser("calibrate", help="recompute a run's decision thresholds without retraining")
+    calibrate.add_argument("run_dir", metavar="RUN_DIR")
+    _add_data_options(calibrate, required=False)
+    calibrate.add_argument("--method", choices=METHODS, default="false-reject",
+                           help="false-reject: from good images; f1: F1-optimal, needs defective images with masks")
+    calibrate.add_argument("--max-false-reject", type=float, metavar="R", help="false-reject rate (default: the run's)")
+    calibrate.add_argument("--model", metavar="NAME", help="only this model of the run")
+    calibrate.add_argument("--quiet", action="store_true")
+
+    export = commands.add_parser("export", help="export a model to one self-contained ONNX file")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a .pt checkpoint")
+    export.add_argument("--onnx", required=True, metavar="FILE")
+    export.add_argument("--int8", action="store_true", help="int8 weights (faster on CPUs, see the README)")
+    export.add_argument("--model", metavar="NAME", help="which model of the run")
+    export.add_argument("--category", help="the model of this category")
 
     demo = commands.add_parser("demo", help="train and evaluate on the ELPV solar-cell images shipped by PyPI")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
@@ -106,8 +152,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trained; next: inpformer test {args.out}")
         elif args.command == "test":
             evaluation = test_run(args.run_dir, _sources(args, required=False), args.categories, args.model,
-                                  args.zero_shot, args.save_maps, args.out, progress=not args.quiet)
+                                  args.zero_shot, args.save_maps, args.out, progress=not args.quiet,
+                                  report=args.report)
             print(evaluation.table())
+        elif args.command == "predict":
+            rows, failures = predict_run(args.model, args.inputs, args.out, args.runtime, args.batch_size,
+                                         args.category, args.model_name, args.max_pixels, progress=not args.quiet)
+            defective = sum(r["decision"] == "defective" for r in rows)
+            print(f"{len(rows)} images: {defective} defective, {len(rows) - defective} good"
+                  f"{f', {len(failures)} failed' if failures else ''}; report: {args.out}/report.html")
+            return 1 if failures else 0
+        elif args.command == "calibrate":
+            thresholds = calibrate_run(args.run_dir, _sources(args, required=False), args.method,
+                                       args.max_false_reject, args.model, progress=not args.quiet)
+            for name, pooled in thresholds.items():
+                print(f"{name}: image threshold {pooled.image:.6f}, pixel threshold {pooled.pixel:.6f} "
+                      f"({pooled.method}, {pooled.num_good} good / {pooled.num_defective} defective images)")
+        elif args.command == "export":
+            path = export_model(resolve_model(args.run_dir, args.model, args.category), args.onnx, args.int8)
+            print(f"exported {path}")
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -35,6 +35,11 @@ class Config:
     blur_kernel: int = 5
     blur_sigma: float = 4.0
     top_ratio: float = 0.01
+    val_fraction: float = 0.1  # good training images held out (never fitted) to calibrate the thresholds
+    max_false_reject: float = 0.01  # calibrated thresholds reject at most this fraction of good images
+    feature_cache_storage: str = "auto"  # "memory", "disk" (memory-mapped file) or "auto": memory when it fits
+    device: str = "auto"  # training device: "auto" (CUDA when available), "cpu" or "cuda"
+    compile: bool = True  # torch.compile the decoder when training on CUDA (never on the CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,5 +100,9 @@ def _validate(config: Config) -> None:
         raise InpformerError(f"--crop-size {config.crop_size} is not a multiple of the patch size 14 (e.g. 224, 392)")
     if config.iterations is None and config.epochs is None:
         raise InpformerError("set either --iterations or --epochs")
+    if not 0 <= config.val_fraction < 1:
+        raise InpformerError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+    if not 0 < config.max_false_reject < 1:
+        raise InpformerError(f"--max-false-reject must be in (0, 1), got {config.max_false_reject}")
     if config.batch_size < 1:
         raise InpformerError(f"--batch-size must be at least 1, got {config.batch_size}")

@@ -12,10 +12,12 @@ Layout read by ``load_mvtec`` (MVTec AD)::
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -46,17 +48,19 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """Open, fully decode and EXIF-orient an image, turning every failure into an InpformerError."""
+def _open(path: Path | BinaryIO, what: str, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Open, fully decode and EXIF-orient an image, turning every failure into an InpformerError; images of more
+    than `max_pixels` pixels are refused before decoding (decompression bombs). Errors call it `name` (or `path`)."""
+    name = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is checked below
             image = Image.open(path)
         with image:
             width, height = image.size
-            if width * height > MAX_PIXELS:
+            if width * height > max_pixels:
                 raise InpformerError(
-                    f"{path}: cannot read {what} (too large: {width}x{height} pixels, limit {MAX_PIXELS}); "
+                    f"{name}: cannot read {what} (too large: {width}x{height} pixels, limit {max_pixels}); "
                     "downscale the image"
                 )
             image.load()
@@ -64,11 +68,11 @@ def _open(path: Path, what: str) -> Image.Image:
     except InpformerError:
         raise
     except FileNotFoundError:
-        raise InpformerError(f"{path}: cannot read {what} (file not found); check the path") from None
+        raise InpformerError(f"{name}: cannot read {what} (file not found); check the path") from None
     except Exception as error:  # any decoder failure means a broken or unsupported file
-        reason = " ".join(str(error).replace(repr(str(path)), "").split()).rstrip(" :")  # path named once
+        reason = " ".join(str(error).replace(repr(str(path)), "").replace(repr(path), "").split()).rstrip(" :")
         raise InpformerError(
-            f"{path}: cannot read {what} ({reason or type(error).__name__}); replace or remove this file "
+            f"{name}: cannot read {what} ({reason or type(error).__name__}); replace or remove this file "
             f"(supported: {', '.join(IMAGE_EXTENSIONS)})"
         ) from None
 
@@ -94,9 +98,12 @@ def _wide_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read any Pillow-readable image as an (H, W, 3) uint8 RGB array (alpha dropped, EXIF applied)."""
-    image = _open(Path(path), "image")
+def read_image(path: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
+               name: str | None = None) -> np.ndarray:
+    """Read any Pillow-readable image as an (H, W, 3) uint8 RGB array (alpha dropped, EXIF applied). `path` may
+    also be the encoded bytes or a binary file object, called `name` in error messages."""
+    source = io.BytesIO(path) if isinstance(path, bytes) else path if hasattr(path, "read") else Path(path)
+    image = _open(source, "image", max_pixels, name)
     if image.mode in _WIDE_MODES:
         grey = _wide_to_uint8(np.asarray(image))
         return np.repeat(grey[:, :, None], 3, axis=2)

@@ -18,12 +18,15 @@ from torch.utils.data import DataLoader
 
 from .augment import ExpandedDataset
 from .backbone import load_encoder
+from .calibration import Calibration, calibrate
 from .config import Config, config_from_dict, make_config
 from .data import ImageDataset, Preprocess, Sample, read_image
 from .errors import InpformerError
+from .inference import Prediction, Predictor, model_metadata
 from .metrics import compute_metrics
 from .model import INPFormerNet
 from .results import Evaluation, ScoredImages
+from .runtime import InferenceGraph, TorchRuntime
 from .scoring import AnomalyScorer
 from .training import TrainingLog, seed_everything, train
 
@@ -55,6 +58,8 @@ class INPFormer:
         self.categories: list[str] = []
         self.backbone_source: str = ""
         self.training_log: TrainingLog | None = None
+        self.calibration: Calibration | None = None
+        self.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.net: INPFormerNet | None = None
         self.scorer = AnomalyScorer(self.config.crop_size, self.config.map_size, self.config.blur_kernel,
                                     self.config.blur_sigma, self.config.top_ratio)
@@ -69,33 +74,54 @@ class INPFormer:
 
     def fit(self, samples: Sequence[Sample], augment: bool = False, progress: bool = True) -> INPFormer:
         """Trains on the good images among `samples` (defective ones are ignored); with `augment` (few-shot),
-        each image is expanded into the paper's 22 fixed variants."""
+        each image is expanded into the paper's 22 fixed variants. A `val_fraction` of the good images of each
+        category is held out of fitting and calibrates the decision thresholds."""
         good = [s for s in samples if s.label == 0]
         if not good:
             raise InpformerError("no good training images given; fit() needs images of defect-free parts")
         self.categories = sorted({s.category for s in good})
+        fitting, held_out = split_validation(good, self.config.val_fraction, self.config.seed)
         self.net = self._build()
-        log.info("training on %d good images of %s", len(good), ", ".join(self.categories))
-        dataset = ExpandedDataset(good, self.preprocess) if augment else ImageDataset(good, self.preprocess)
+        log.info("training on %d good images of %s (%d held out for calibration)", len(fitting),
+                 ", ".join(self.categories), len(held_out))
+        dataset = ExpandedDataset(fitting, self.preprocess) if augment else ImageDataset(fitting, self.preprocess)
         self.training_log = train(self.net, dataset, self.config, progress=progress)
+        if not held_out:
+            log.warning("too few good images to hold some out: thresholds are calibrated on the training images, "
+                        "so they may reject more good parts than --max-false-reject (add images or raise "
+                        "--val-fraction)")
+        self.calibrate(held_out or fitting, progress=progress)
         return self
+
+    def calibrate(self, samples: Sequence[Sample], method: str = "false-reject", max_false_reject: float | None = None,
+                  progress: bool = False) -> Calibration:
+        """Sets the decision thresholds from images the model was not fitted on: good images only
+        ("false-reject": reject at most `max_false_reject` of them) or good and defective ones with masks ("f1")."""
+        scored = self.score(samples, with_masks=method == "f1", progress=progress)
+        labels = np.array([s.label for s in scored.samples])
+        self.calibration = calibrate(
+            [s.category for s in scored.samples], labels, scored.scores, scored.maps, scored.embeddings,
+            scored.masks, method, self.config.max_false_reject if max_false_reject is None else max_false_reject)
+        pooled = self.calibration.thresholds[""]
+        log.info("calibrated (%s) on %d good and %d defective images: image threshold %.5f, pixel threshold %.5f",
+                 method, pooled.num_good, pooled.num_defective, pooled.image, pooled.pixel)
+        return self.calibration
 
     def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
               zero_shot: bool = False, progress: bool = False) -> ScoredImages:
-        """Anomaly maps (map_size x map_size, as the metrics use them) and image scores."""
-        net = self._require_net()
+        """Anomaly maps (map_size x map_size, as the metrics use them), image scores and embeddings."""
+        runtime = TorchRuntime(self.inference_graph(zero_shot))
         loader = DataLoader(ImageDataset(list(samples), self.preprocess, with_masks=with_masks), batch_size=batch_size)
-        maps, scores, masks = [], [], []
-        with torch.inference_mode():
-            for batch in _maybe_progress(loader, progress):
-                batch_maps, batch_scores = self.scorer(net(batch["image"]), zero_shot=zero_shot)
-                maps.append(batch_maps.numpy())
-                scores.append(batch_scores.numpy())
-                if with_masks:
-                    mask = F.interpolate(batch["mask"][:, None].float(), size=self.config.map_size, mode="nearest")
-                    masks.append(mask[:, 0].to(torch.uint8).numpy())
-        return ScoredImages(list(samples), np.concatenate(scores), np.concatenate(maps),
-                            np.concatenate(masks) if with_masks else None)
+        outputs, masks = [], []
+        for batch in _maybe_progress(loader, progress):
+            outputs.append(runtime(batch["image"].numpy()))
+            if with_masks:
+                mask = F.interpolate(batch["mask"][:, None].float(), size=self.config.map_size, mode="nearest")
+                masks.append(mask[:, 0].to(torch.uint8).numpy())
+        return ScoredImages(list(samples), np.concatenate([o.scores for o in outputs]),
+                            np.concatenate([o.maps for o in outputs]),
+                            np.concatenate(masks) if with_masks else None,
+                            np.concatenate([o.embeddings for o in outputs]))
 
     def evaluate(self, samples: Sequence[Sample], zero_shot: bool = False, progress: bool = True) -> Evaluation:
         """Per-category metrics on labelled test samples (pixel metrics when masks exist)."""
@@ -114,18 +140,29 @@ class INPFormer:
         return Evaluation(metrics, scored)
 
     def predict(self, images: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,
-                zero_shot: bool = False) -> ScoredImages:
-        """Scores and maps for image paths or RGB uint8 arrays (H, W, 3)."""
-        if isinstance(images, (str, Path, np.ndarray)):
-            images = [images]
-        net = self._require_net()
-        arrays = [read_image(i) if isinstance(i, (str, Path)) else i for i in images]
-        batch = torch.stack([self.preprocess(a) for a in arrays])
-        with torch.inference_mode():
-            maps, scores = self.scorer(net(batch), zero_shot=zero_shot)
-        samples = [Sample(Path(i) if isinstance(i, (str, Path)) else Path("<array>"), "", 0, "", None)
-                   for i in images]
-        return ScoredImages(samples, scores.numpy(), maps.numpy())
+                category: str | None = None) -> Prediction | list[Prediction]:
+        """The verdict on one image (path or RGB uint8 array) or a list of them: score, normalised score, decision,
+        anomaly map and defect mask at the image's resolution. Unreadable files raise InpformerError."""
+        single = isinstance(images, (str, Path, np.ndarray))
+        items = [images] if single else list(images)
+        arrays = [read_image(i) if isinstance(i, (str, Path)) else i for i in items]
+        sources = [str(i) if isinstance(i, (str, Path)) else "<array>" for i in items]
+        predictions = self.predictor().predict(arrays, sources, category)
+        return predictions[0] if single else predictions
+
+    def predictor(self) -> Predictor:
+        """A `Predictor` running this model with PyTorch."""
+        return Predictor(TorchRuntime(self.inference_graph()), self.metadata())
+
+    def inference_graph(self, zero_shot: bool = False) -> InferenceGraph:
+        """The network and scorer as one module (what the PyTorch runtime runs and the ONNX export traces)."""
+        threshold = self.calibration.thresholds[""].image if self.calibration else float("inf")
+        return InferenceGraph(self._require_net(), self.scorer, threshold, zero_shot).eval()
+
+    def metadata(self) -> dict:
+        """Everything besides the weights a predictor needs, plus provenance (stored in exported files)."""
+        return model_metadata(self.config.to_dict(), self.categories, self.calibration,
+                              backbone_source=self.backbone_source, created=self.created, versions=_versions())
 
     def save(self, path: str | Path) -> Path:
         """Writes one self-describing checkpoint file, atomically (a crash never leaves a half-written file)."""
@@ -138,10 +175,11 @@ class INPFormer:
             "config": self.config.to_dict(),
             "backbone": {"name": self.config.backbone, "source": self.backbone_source},
             "categories": self.categories,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
             "state_dict": {k: v for k, v in net.state_dict().items() if not k.startswith("encoder.")},
             "training": asdict(self.training_log) if self.training_log else {},
             "versions": _versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": self.created,
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -168,6 +206,9 @@ class INPFormer:
             raise InpformerError(f"{path}: not an inpformer checkpoint; pass the model file written by training")
         detector = cls.from_config(config_from_dict(checkpoint["config"]))
         detector.categories = list(checkpoint["categories"])
+        detector.calibration = (Calibration.from_dict(checkpoint["calibration"])
+                                if checkpoint.get("calibration") else None)
+        detector.created = checkpoint.get("created", "")
         detector.training_log = TrainingLog(**checkpoint["training"]) if checkpoint["training"] else None
         detector.net = detector._build()
         missing, unexpected = detector.net.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -182,6 +223,19 @@ class INPFormer:
         if self.net is None:
             raise InpformerError("the detector is not trained; call fit() or INPFormer.load() first")
         return self.net
+
+
+def split_validation(good: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(fitting, held out): a seeded `fraction` of each category's good images is held out (none if a category
+    has too few images to spare one)."""
+    fitting, held_out = [], []
+    for category in sorted({s.category for s in good}):
+        items = [s for s in good if s.category == category]
+        order = np.random.default_rng(seed).permutation(len(items))
+        count = int(len(items) * fraction)
+        held_out += [items[i] for i in sorted(order[:count])]
+        fitting += [items[i] for i in sorted(order[count:])]
+    return fitting, held_out
 
 
 def _maybe_progress(loader: DataLoader, progress: bool):

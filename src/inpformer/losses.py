@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,12 +27,14 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * factor, None
 
 
-def soft_mining_loss(encoder_groups: Tensor, decoder_groups: Tensor, exponent: float = 3.0) -> Tensor:
+def soft_mining_loss(encoder_groups: Tensor, decoder_groups: Tensor, exponent: float = 3.0,
+                     mean: Callable[[Tensor], Tensor] = torch.mean) -> Tensor:
     """Per group, 1 - cosine between each image's flattened encoder and decoder maps, averaged over groups.
 
     The gradient reaching each decoder token is scaled by (d / mean d) ** exponent, d = 1 - cos at that token
     (mean over the whole batch): well-reconstructed points are down-weighted, hard points mined.
     Inputs are [B, groups, tokens, channels]; the encoder side is a target and receives no gradient.
+    `mean` takes that batch mean; data-parallel training passes a mean over every process's share of the batch.
     """
     losses = []
     for group in range(encoder_groups.shape[1]):
@@ -38,7 +42,7 @@ def soft_mining_loss(encoder_groups: Tensor, decoder_groups: Tensor, exponent: f
         decoded = decoder_groups[:, group]
         with torch.no_grad():
             distance = 1 - F.cosine_similarity(target, decoded, dim=-1)
-            factor = (distance / distance.mean()) ** exponent
+            factor = (distance / mean(distance)) ** exponent
         decoded = _ScaleGradient.apply(decoded, factor.unsqueeze(-1))
         losses.append((1 - F.cosine_similarity(target.flatten(1), decoded.flatten(1), dim=1)).mean())
     return torch.stack(losses).mean()

@@ -21,6 +21,7 @@ class ScoredImages:
     scores: np.ndarray  # (N,) float32
     maps: np.ndarray  # (N, map_size, map_size) float32
     masks: np.ndarray | None = None  # (N, map_size, map_size) uint8 0/1, when ground truth was read
+    embeddings: np.ndarray | None = None  # (N, C) unit mean-token embeddings
 
 
 @dataclass

@@ -27,16 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .augment import draw_shots
+from .calibration import METHODS
 from .config import Config
-from .data import Sample
+from .data import MAX_PIXELS, Sample, read_image
 from .datasets import DATASET_KINDS, load_dataset, load_folder
-from .detector import INPFormer
+from .detector import INPFormer, split_validation
 from .errors import InpformerError
+from .export import OnnxRuntime, export_onnx, quantize_int8
+from .inference import Failure, Predictor, find_images, to_original_resolution
 from .metrics import METRIC_NAMES
-from .results import Evaluation, combine_repeats, merge
+from .report import GalleryItem, image_uri, write_report
+from .results import Evaluation, ScoredImages, combine_repeats, merge
+from .visualize import overlay, prediction_overlay
 
 log = logging.getLogger("inpformer")
 SETTINGS = ("single", "multi", "super-multi", "few-shot")
@@ -156,10 +163,12 @@ def read_run(run_dir: str | Path) -> dict:
 
 def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
              categories: Sequence[str] | None = None, model: str | None = None, zero_shot: bool = False,
-             save_maps: bool = False, out: str | Path | None = None, progress: bool = True) -> Evaluation:
+             save_maps: bool = False, out: str | Path | None = None, progress: bool = True,
+             report: bool = False) -> Evaluation:
     """Evaluates the models of a run on their categories' test images (or, zero-shot, one model on any
     categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into `out`: by default the run
-    directory, or RUN_DIR/zero-shot for zero-shot tests, so they never overwrite the run's own results."""
+    directory, or RUN_DIR/zero-shot for zero-shot tests, so they never overwrite the run's own results.
+    With `report`, also report.html: metrics, curves, histograms and a gallery with the calibrated decisions."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     models = _select_models(run, model, zero_shot)
@@ -172,6 +181,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
             raise InpformerError(f"no labelled test images in {', '.join(s.root for s in sources)}; "
                                  "add a test split (or --data-test-good / --data-test-defect for plain folders)")
         by_repeat: dict[int, list[Evaluation]] = {}
+        gallery: list[GalleryItem] = []
         start = time.perf_counter()
         for name, info in models.items():
             detector = INPFormer.load(run_dir / info["file"])
@@ -180,12 +190,20 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
             log.info("model %s: testing on %d images%s", name, len(items), " (zero-shot)" if zero_shot else "")
             evaluation = detector.evaluate(items, zero_shot=zero_shot, progress=progress)
             by_repeat.setdefault(info.get("repeat", 0), []).append(evaluation)
+            if report and info.get("repeat", 0) == 0:
+                gallery += [item for scored in evaluation.images for item in _gallery(detector, scored)]
         seconds = time.perf_counter() - start
         evaluation = combine_repeats([merge(evaluations) for evaluations in by_repeat.values()])
         num_images = sum(len(s.samples) for s in evaluation.images)
         log.info("tested %d images in %.1f s (%.1f images/s)", num_images, seconds, num_images / seconds)
         _warn_missing_metrics(evaluation)
         write_results(out, evaluation, save_maps)
+        if report:
+            summary = {"run": str(run_dir), "setting": run.get("setting", ""), "images": str(num_images),
+                       "zero-shot": str(zero_shot)}
+            metrics = {name: values for name, values, _ in evaluation.rows()}
+            log.info("report: %s", write_report(out / "report.html", "inpformer test report", gallery, summary,
+                                                 metrics))
     return evaluation
 
 
@@ -199,6 +217,202 @@ def _select_models(run: dict, model: str | None, zero_shot: bool) -> dict:
         raise InpformerError(f"zero-shot applies one model, this run has {len(models)} ({', '.join(models)}); "
                              "choose one with --model NAME")
     return models
+
+
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+def resolve_model(target: str | Path, model: str | None = None, category: str | None = None) -> Path:
+    """The model file meant by `target`: a checkpoint (.pt) or ONNX file itself, or a run directory's model
+    (chosen by name, by category, or the only one)."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    if not target.exists():
+        raise InpformerError(f"{target}: not found; pass a run directory, a .pt checkpoint or an .onnx file")
+    run = read_run(target)
+    models = run["models"]
+    if model is not None:
+        return target / _select_models(run, model, False)[model]["file"]
+    if category is not None:
+        matching = [info for info in models.values() if category in info["categories"]]
+        if not matching:
+            known = sorted({c for info in models.values() for c in info["categories"]})
+            raise InpformerError(f"--category {category}: no model of {target} knows it; known: {', '.join(known)}")
+        return target / matching[0]["file"]
+    if len(models) > 1:
+        raise InpformerError(f"{target} has {len(models)} models ({', '.join(models)}); choose one with --model NAME "
+                             "or --category NAME")
+    return target / next(iter(models.values()))["file"]
+
+
+def load_predictor(target: str | Path, runtime: str = "torch", model: str | None = None,
+                   category: str | None = None, threads: int | None = None) -> Predictor:
+    """A `Predictor` for a run directory, checkpoint or ONNX file. The ONNX runtimes export the checkpoint next to
+    it on first use (model.onnx, model.int8.onnx) and reuse that file while it is newer than the checkpoint."""
+    if runtime not in RUNTIMES:
+        raise InpformerError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    path = resolve_model(target, model, category)
+    if path.suffix == ".onnx":
+        onnx = OnnxRuntime(path, threads)
+        return Predictor(onnx, onnx.metadata)
+    if runtime == "torch":
+        if threads:
+            torch.set_num_threads(threads)
+        return INPFormer.load(path).predictor()
+    onnx_path = path.with_suffix(".int8.onnx" if runtime == "onnx-int8" else ".onnx")
+    if not onnx_path.is_file() or onnx_path.stat().st_mtime < path.stat().st_mtime:
+        export_model(path, onnx_path, int8=runtime == "onnx-int8")
+    onnx = OnnxRuntime(onnx_path, threads)
+    return Predictor(onnx, onnx.metadata)
+
+
+def export_model(checkpoint: str | Path, onnx_path: str | Path, int8: bool = False) -> Path:
+    """Exports a checkpoint to one self-contained ONNX file (fp32, or int8 weights with `int8`)."""
+    detector = INPFormer.load(checkpoint)
+    if detector.calibration is None:
+        raise InpformerError(f"{checkpoint}: no calibrated thresholds (trained by an older version); run "
+                             "`inpformer calibrate RUN_DIR` first")
+    onnx_path = Path(onnx_path)
+    metadata = detector.metadata()
+    if not int8:
+        return export_onnx(detector.inference_graph(), onnx_path, detector.config.crop_size, metadata)
+    fp32 = export_onnx(detector.inference_graph(), onnx_path.with_suffix(".fp32.tmp.onnx"), detector.config.crop_size,
+                       metadata)
+    try:
+        return quantize_int8(fp32, onnx_path)
+    finally:
+        fp32.unlink(missing_ok=True)
+
+
+def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Path, runtime: str = "torch",
+                batch_size: int = 8, category: str | None = None, model: str | None = None,
+                max_pixels: int = MAX_PIXELS, progress: bool = True) -> tuple[list[dict], list[Failure]]:
+    """Predicts every image in `inputs` (files and folders) and writes into `out`: predictions.csv / .json,
+    overlays/<name>.png, masks/<name>_mask.png (original resolution) and report.html. A file that cannot be read
+    is reported and skipped; returns (the predictions' JSON rows, the failures)."""
+    out = Path(out)
+    for folder in ("overlays", "masks"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    with log_to_file(out / "predict.log"):
+        predictor = load_predictor(target, runtime, model, category)
+        predictor.max_pixels = max_pixels
+        paths = find_images(inputs)
+        if not paths:
+            raise InpformerError(f"no images found in {', '.join(map(str, inputs))}; give image files or folders")
+        names = _output_names(paths)
+        rows, failures, gallery = [], [], []
+        start = time.perf_counter()
+        results = predictor.predict_paths(paths, batch_size, category)
+        for result in tqdm(results, total=len(paths), desc="predicting", unit="image", disable=not progress):
+            if isinstance(result, Failure):
+                log.error("%s", result.message)
+                failures.append(result)
+                continue
+            name = names[result.source]
+            overlay = result.overlay()
+            Image.fromarray(overlay).save(out / "overlays" / f"{name}.png")
+            Image.fromarray(result.mask.astype(np.uint8) * 255).save(out / "masks" / f"{name}_mask.png")
+            rows.append(result.to_json() | {"overlay": f"overlays/{name}.png", "mask": f"masks/{name}_mask.png"})
+            gallery.append(GalleryItem(result.source, result.category, result.score, result.normalized_score,
+                                       result.decision, image_uri(overlay), link=f"overlays/{name}.png"))
+        seconds = time.perf_counter() - start
+        defective = sum(r["decision"] == "defective" for r in rows)
+        log.info("predicted %d images (%d defective, %d failed) in %.1f s (%.1f images/s, runtime %s)", len(rows),
+                 defective, len(failures), seconds, len(rows) / seconds, runtime)
+        _write_predictions(out, rows, failures)
+        thresholds = predictor.calibration.thresholds
+        summary = {"model": str(target), "runtime": runtime, "images": str(len(rows)),
+                   "defective": str(defective), "failed": str(len(failures)),
+                   "decision": "defective when the normalised score exceeds 0.5, i.e. the raw score exceeds the "
+                               "image threshold",
+                   **{f"image threshold ({c or 'all categories'})": f"{t.image:.6f} ({t.method})"
+                      for c, t in thresholds.items()}}
+        write_report(out / "report.html", "inpformer predictions", gallery, summary)
+    return rows, failures
+
+
+def _output_names(paths: Sequence[Path]) -> dict[str, str]:
+    """A unique file-name stem per input (stem, then stem-2, stem-3... for equal names in different folders)."""
+    names, used = {}, set()
+    for path in paths:
+        name, count = path.stem, 1
+        while name in used:
+            count += 1
+            name = f"{path.stem}-{count}"
+        used.add(name)
+        names[str(path)] = name
+    return names
+
+
+def _write_predictions(out: Path, rows: list[dict], failures: list[Failure]) -> None:
+    content = {"predictions": rows, "failures": [{"source": f.source, "error": f.message} for f in failures]}
+    (out / "predictions.json").write_text(json.dumps(content, indent=2))
+    columns = ["source", "category", "score", "normalized_score", "threshold", "decision", "defect_pixels",
+               "regions", "overlay", "mask", "error"]
+    with open(out / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row | {"regions": len(row["regions"])})
+        for failure in failures:
+            writer.writerow({"source": failure.source, "error": failure.message})
+
+
+def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None, method: str = "false-reject",
+                  max_false_reject: float | None = None, model: str | None = None, progress: bool = True) -> dict:
+    """Recomputes the thresholds of a run's models without retraining, and saves them into the checkpoints.
+
+    Images: with `sources`, their test split (false-reject uses its good images, f1 good and defective ones with
+    masks); without, f1 uses the run's own test split and false-reject the run's held-out good training images
+    (the same split as at training, so only --max-false-reject changes). Returns model name -> pooled thresholds."""
+    if method not in METHODS:
+        raise InpformerError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    models = _select_models(run, model, False)
+    held_out = sources is None and method == "false-reject"
+    sources = sources or [DataSource(**d) for d in run["data"]]
+    results = {}
+    with log_to_file(run_dir / "calibrate.log"):
+        samples = load_samples(sources, "train" if held_out else "test")
+        for name, info in models.items():
+            path = run_dir / info["file"]
+            detector = INPFormer.load(path)
+            items = [s for s in samples if s.category in set(info["categories"])]
+            if held_out:
+                if isinstance(info.get("training_images"), list):  # few-shot: the drawn images
+                    drawn = set(info["training_images"])
+                    items = [s for s in items if str(s.path) in drawn]
+                fitting, validation = split_validation(items, detector.config.val_fraction, detector.config.seed)
+                items = validation or fitting
+            if not items:
+                raise InpformerError(f"no calibration images for model {name} ({', '.join(info['categories'])}) in "
+                                     f"{', '.join(s.root for s in sources)}; check --data")
+            detector.calibrate(items, method, max_false_reject, progress=progress)
+            detector.save(path)
+            results[name] = detector.calibration.thresholds[""]
+            log.info("model %s: thresholds saved to %s", name, path)
+    return results
+
+
+def _gallery(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:
+    """Report items for evaluated images: the overlay on the centre crop the model saw, with ground truth."""
+    items = []
+    crop = detector.config.crop_size
+    for sample, score, anomaly_map in zip(scored.samples, scored.scores, scored.maps, strict=True):
+        view = detector.preprocess.view(read_image(sample.path))
+        crop_map = to_original_resolution(anomaly_map, (crop, crop), crop, crop)
+        if detector.calibration:
+            thresholds = detector.calibration.for_category(sample.category)
+            picture = prediction_overlay(view, thresholds.normalize_maps(crop_map), crop_map > thresholds.pixel)
+            normalised = float(thresholds.normalize_scores(score))
+            decision = "defective" if score > thresholds.image else "good"
+        else:
+            picture, normalised, decision = overlay(view, crop_map, *np.percentile(scored.maps, [1, 99.9])), None, None
+        items.append(GalleryItem(str(sample.path), sample.category, float(score), normalised, decision,
+                                 image_uri(picture), label=sample.label))
+    return items
 
 
 def _warn_missing_metrics(evaluation: Evaluation) -> None:

@@ -1,24 +1,32 @@
-"""The training loop: optimiser, schedule, frozen-feature cache, seeds and progress. Nothing else imports it
-except the public API."""
+"""The training loop: optimiser, schedule, frozen-feature cache, device, data-parallel processes, seeds and
+progress. Nothing else imports it except the public API."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from . import distributed
+from .backbone import cache_dir
 from .config import Config
+from .errors import InpformerError
 from .losses import inp_coherence_loss, soft_mining_loss
-from .model import INPFormerNet
+from .model import INPFormerNet, ModelOutput
 
 log = logging.getLogger("inpformer")
 
@@ -98,57 +106,148 @@ def total_iterations(config: Config, num_images: int) -> int:
     return config.epochs * max(1, num_images // config.batch_size)
 
 
-def encode_dataset(net: INPFormerNet, dataset: Dataset, batch_size: int = 16, progress: bool = True) -> Tensor:
-    """Runs the frozen encoder once over `dataset`: [N, groups, tokens, channels] float32, kept in memory."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    features = None
+CACHE_STORAGES = ("auto", "memory", "disk")
+MEMORY_SHARE = 0.25  # "auto" keeps the feature cache in memory if it takes less than this share of free RAM
+
+
+def encode_dataset(net: INPFormerNet, dataset: Dataset, device: torch.device | str = "cpu", storage: str = "auto",
+                   progress: bool = True) -> Tensor:
+    """Runs the frozen encoder once over `dataset`: [N, groups, tokens, channels] float32 on the CPU.
+
+    `storage` "memory" keeps it in RAM, "disk" in a memory-mapped file under the cache folder ($INPFORMER_CACHE),
+    removed as soon as it is mapped (so nothing is left behind, even after a crash); "auto" picks memory when it
+    takes under a quarter of the free RAM. With several processes, each encodes a share of the images and all
+    receive every feature, so that any process can draw any image (the batches are exactly a single process's);
+    the processes of one machine share one file on disk.
+    """
+    if storage not in CACHE_STORAGES:
+        raise InpformerError(f"unknown feature cache storage {storage!r}; choose one of: {', '.join(CACHE_STORAGES)}")
+    device = torch.device(device)
+    rank, world = distributed.rank(), distributed.world_size()
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="encoding (feature cache)", unit="batch", disable=not progress):
-            encoded = net.encode(batch["image"])
-            if features is None:
-                features = torch.empty((len(dataset), *encoded.shape[1:]), dtype=encoded.dtype)
-                log.info("feature cache: %d images x %s float32 = %.1f MB in memory", len(dataset),
-                         tuple(encoded.shape[1:]), features.numel() * 4 / 2**20)
-            index = batch["index"]
-            features[index] = encoded
+        probe = net.encode(dataset[0]["image"][None].to(device))
+    shape = (len(dataset), *probe.shape[1:])
+    nbytes = math.prod(shape) * 4
+    available = available_memory()
+    if storage == "auto":
+        fits = available is None or nbytes * distributed.local_world_size() < MEMORY_SHARE * available
+        storage = "memory" if fits else "disk"
+    where = "in memory" + (f" ({available / 2**30:.1f} GB free)" if available else "")
+    if storage == "disk":
+        token = distributed.broadcast_object(uuid.uuid4().hex)
+        path = cache_dir() / "features" / f"{token}-{os.environ.get('GROUP_RANK', '0')}.f32"
+        where = f"memory-mapped in {path.parent}"
+    log.info("feature cache: %d images x %s float32 = %.1f MB, %s", len(dataset), tuple(shape[1:]), nbytes / 2**20,
+             where)
+    writer = storage == "memory" or distributed.local_rank() == 0
+    features = torch.empty(shape) if storage == "memory" else _mapped_file(path, shape, writer)
+    batch_size = 64 if device.type == "cuda" else 16
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size,
+                        num_workers=distributed.loader_workers(), pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    steps = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    with torch.inference_mode():
+        for _ in tqdm(range(steps), desc="encoding (feature cache)", unit="batch", disable=not progress):
+            batch = next(batches, None)
+            if batch is None:  # this process's share ran out before the others'
+                rows, index = probe[:0], torch.empty(0, dtype=torch.long, device=device)
+            else:
+                rows, index = net.encode(batch["image"].to(device, non_blocking=True)), batch["index"].to(device)
+            rows, index = distributed.gather_rows(rows, index, batch_size)
+            if writer:
+                features[index.cpu()] = rows.float().cpu()
+    distributed.barrier()  # every process sees the whole file
+    return features
+
+
+def available_memory() -> int | None:
+    """Free RAM in bytes (psutil's "available" when installed, else the OS's free pages), None if unknown."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _mapped_file(path: Path, shape: tuple[int, ...], writer: bool) -> Tensor:
+    """A float32 tensor backed by `path`, shared by the processes of this machine; `writer` creates the file."""
+    nbytes = math.prod(shape) * 4
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < nbytes:
+            raise InpformerError(f"{path.parent}: the feature cache needs {nbytes / 2**30:.1f} GB but only "
+                                 f"{free / 2**30:.1f} GB are free; point INPFORMER_CACHE at a larger disk, "
+                                 "or use --feature-cache-storage memory or --no-feature-cache")
+    try:
+        if writer:
+            features = torch.from_file(str(path), shared=True, size=math.prod(shape)).view(shape)
+        distributed.barrier()
+        if not writer:
+            features = torch.from_file(str(path), shared=True, size=math.prod(shape)).view(shape)
+        distributed.barrier()
+    finally:
+        if writer:  # the mappings outlive the name
+            path.unlink(missing_ok=True)
     return features
 
 
 def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = True) -> TrainingLog:
-    """Trains `net`'s INP Extractor, bottleneck and decoder on the good images of `dataset`."""
+    """Trains `net`'s INP Extractor, bottleneck and decoder on the good images of `dataset`, on `config.device`;
+    `net` is back on the CPU afterwards.
+
+    Launched as several processes (torchrun, `inpformer train --devices N`), training is data-parallel: every
+    process draws the same batches of `config.batch_size` images (the global batch) and takes its share of each,
+    and the gradients are averaged, so the result is that of one process with the same batch size.
+    """
+    device = distributed.setup(config.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    progress = progress and rank == 0
     iterations = total_iterations(config, len(dataset))
+    batch_size = min(config.batch_size, len(dataset))
+    if batch_size < world:
+        raise InpformerError(f"a batch of {batch_size} images cannot be shared by {world} processes; use a "
+                             f"--batch-size (and a training set) of at least {world} images")
+    net.to(device)
     training_log = TrainingLog()
     start = time.perf_counter()
+    batches = _local_batches(len(dataset), config.batch_size, config.seed, rank, world)
     if config.feature_cache:
-        cache = encode_dataset(net, dataset, progress=progress)
+        cache = encode_dataset(net, dataset, device, config.feature_cache_storage, progress)
         training_log.cache_seconds = time.perf_counter() - start
-
-        def encoded_batch(indices: Tensor) -> Tensor:
-            return cache[indices]
+        inputs = (cache[indices].to(device, non_blocking=True) for indices in batches)
     else:
-
-        def encoded_batch(indices: Tensor) -> Tensor:
-            return net.encode(torch.stack([dataset[int(i)]["image"] for i in indices]))
-
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=distributed.loader_workers(),
+                            pin_memory=device.type == "cuda")
+        inputs = (net.encode(batch["image"].to(device, non_blocking=True)) for batch in loader)
+    decode: nn.Module = _Decode(net, compile=config.compile and device.type == "cuda")
+    if world > 1:
+        decode = DistributedDataParallel(decode, device_ids=[device.index] if device.type == "cuda" else None,
+                                         broadcast_buffers=False)
     parameters = net.trainable_parameters()
     optimizer = StableAdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     schedule = warm_cosine_schedule(config.lr, config.final_lr, iterations, config.warmup_iterations)
-    generator = torch.Generator().manual_seed(config.seed)
-    batches = _batch_indices(len(dataset), config.batch_size, generator)
     net.train()
     train_start = time.perf_counter()
     bar = tqdm(range(iterations), desc="training", unit="it", disable=not progress)
     for step in bar:
+        encoded = next(inputs)
         for group in optimizer.param_groups:
             group["lr"] = float(schedule[step])
-        output = net.decode(encoded_batch(next(batches)))
-        loss = soft_mining_loss(output.encoder_groups, output.decoder_groups, config.mining_exponent)
-        loss = loss + config.coherence_weight * inp_coherence_loss(output.tokens, output.inps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            output = decode(encoded)
+        # this process's share of the batch mean: DDP averages the processes' gradients
+        loss = training_loss(output, config) * (len(encoded) * world / batch_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
-        value = loss.item()
+        value = distributed.average(loss.detach()).item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step}: loss is {value}")
         training_log.losses.append(value)
@@ -156,9 +255,44 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         if step % 50 == 0 or step == iterations - 1:
             log.debug("step %d/%d loss %.5f lr %.2e", step + 1, iterations, value, schedule[step])
     net.eval()
+    net.to("cpu")
     training_log.iterations = iterations
     training_log.train_seconds = time.perf_counter() - train_start
     return training_log
+
+
+def training_loss(output: ModelOutput, config: Config) -> Tensor:
+    """Soft mining loss plus weighted INP coherence loss, in float32, with the batch statistics of the soft
+    mining loss taken over all processes. Both are means of per-image losses (every image has the same number of
+    tokens), which is what makes a share of the batch per process equivalent to the whole batch in one."""
+    loss = soft_mining_loss(output.encoder_groups.float(), output.decoder_groups.float(), config.mining_exponent,
+                            mean=distributed.global_mean)
+    return loss + config.coherence_weight * inp_coherence_loss(output.tokens.float(), output.inps.float())
+
+
+class _Decode(nn.Module):
+    """`net.decode` as the module that DDP wraps; compiled with torch.compile when asked, falling back to eager
+    mode with a warning when compiling fails (e.g. no C compiler for Triton)."""
+
+    def __init__(self, net: INPFormerNet, compile: bool):
+        super().__init__()
+        self.net = net
+        self.compiled = torch.compile(net.decode) if compile else None
+
+    def forward(self, encoded: Tensor) -> ModelOutput:
+        if self.compiled is not None:
+            try:
+                return self.compiled(encoded)
+            except Exception as error:
+                log.warning("torch.compile failed (%s); training without it", str(error).splitlines()[0][:200])
+                self.compiled = None
+        return self.net.decode(encoded)
+
+
+def _local_batches(num_images: int, batch_size: int, seed: int, rank: int, world: int) -> Iterator[list[int]]:
+    """This process's share of every global batch of `_batch_indices` (all processes draw the same ones)."""
+    for batch in _batch_indices(num_images, batch_size, torch.Generator().manual_seed(seed)):
+        yield torch.tensor_split(batch, world)[rank].tolist()
 
 
 def _batch_indices(num_images: int, batch_size: int, generator: torch.Generator):

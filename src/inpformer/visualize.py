@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+from scipy import ndimage
 
 from .data import Preprocess, read_image
 
@@ -18,6 +19,16 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
     normalised = np.clip((resized - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     heat = colormaps["jet"](normalised)[..., :3] * 255
     return (alpha * heat + (1 - alpha) * image).astype(np.uint8)
+
+
+def prediction_overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with its normalised anomaly map (0.5 = pixel threshold) as a heat map and the predicted defect
+    regions outlined in white; all arrays at the image's resolution."""
+    picture = overlay(image, anomaly_map, 0.0, 1.0, alpha=0.45)
+    thickness = max(1, round(max(mask.shape) / 256))
+    outline = mask & ~ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
+    picture[outline] = 255
+    return picture
 
 
 def save_heatmaps(scored, preprocess: Preprocess, out_dir: str | Path) -> list[Path]:

@@ -1,0 +1,157 @@
+"""Decision thresholds and score normalisation, calibrated on images the model was not fitted on.
+
+Two ways to set the thresholds of a category:
+
+    false-reject   from good images only: the image threshold is the (1 - r) quantile of their scores, the pixel
+                   threshold the (1 - r) quantile of their maps' maxima, so at most a fraction r of good images is
+                   rejected and at most r of them show any defect pixel ("higher" quantiles keep this true on the
+                   calibration images themselves).
+    f1             from labelled good and defective images: the thresholds that maximise the image F1 and the pixel
+                   F1 (the thresholds behind I-F1max and P-F1max).
+
+Normalised values put the threshold at 0.5: sigmoid((x - threshold) / scale), with the scale chosen so that the
+median good value maps to 0.1. Scores normalised this way are in units of the spread of good images, so they are
+comparable across categories and models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve
+
+from .errors import InpformerError
+
+METHODS = ("false-reject", "f1")
+_GOOD_MEDIAN_TARGET = 0.1  # where the median good value lands on the normalised scale
+_LOGIT_SPAN = math.log((1 - _GOOD_MEDIAN_TARGET) / _GOOD_MEDIAN_TARGET)
+
+
+@dataclass
+class Thresholds:
+    """Thresholds of one category (raw score and map units) and the scales of their normalisation."""
+
+    image: float
+    pixel: float
+    image_scale: float
+    pixel_scale: float
+    method: str
+    num_good: int
+    num_defective: int = 0
+    false_reject: float = 0.0  # fraction of the good calibration images the image threshold rejects
+
+    def normalize_scores(self, scores: np.ndarray | float) -> np.ndarray:
+        return _sigmoid((np.asarray(scores, dtype=np.float64) - self.image) / self.image_scale)
+
+    def normalize_maps(self, maps: np.ndarray) -> np.ndarray:
+        return _sigmoid((np.asarray(maps, dtype=np.float64) - self.pixel) / self.pixel_scale).astype(np.float32)
+
+
+@dataclass
+class Calibration:
+    """Thresholds per category (key "" pools all categories) and each category's mean image embedding, with
+    which a multi-class model recognises the category of an unlabelled image."""
+
+    thresholds: dict[str, Thresholds]
+    centroids: dict[str, list[float]] = field(default_factory=dict)
+
+    def for_category(self, category: str | None) -> Thresholds:
+        if category is None:
+            return self.thresholds[""]
+        if category not in self.thresholds:
+            known = ", ".join(c for c in self.thresholds if c)
+            raise InpformerError(f"unknown category {category!r}; this model knows: {known}")
+        return self.thresholds[category]
+
+    def infer_categories(self, embeddings: np.ndarray) -> list[str]:
+        """The category whose centroid is most similar to each embedding (cosine; embeddings are unit vectors)."""
+        names = list(self.centroids)
+        if len(names) <= 1:
+            return [names[0] if names else ""] * len(embeddings)
+        similarity = np.asarray(embeddings) @ np.asarray([self.centroids[n] for n in names]).T
+        return [names[i] for i in similarity.argmax(axis=1)]
+
+    def to_dict(self) -> dict:
+        return {"thresholds": {c: asdict(t) for c, t in self.thresholds.items()}, "centroids": self.centroids}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Calibration:
+        return cls({c: Thresholds(**t) for c, t in values["thresholds"].items()}, dict(values.get("centroids", {})))
+
+
+def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray, maps: np.ndarray,
+              embeddings: np.ndarray, masks: np.ndarray | None = None, method: str = "false-reject",
+              max_false_reject: float = 0.01) -> Calibration:
+    """Thresholds for every category and for all categories pooled (key ""), from scored calibration images.
+
+    `maps` [N, H, W] are the anomaly maps at map size; `masks` (same shape, for method "f1") the ground truth.
+    """
+    if method not in METHODS:
+        raise InpformerError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
+    categories = np.asarray(categories)
+    labels = np.asarray(labels)
+    groups = {"": np.ones(len(labels), dtype=bool)} | {c: categories == c for c in sorted(set(categories.tolist()))}
+    thresholds = {}
+    for name, selected in groups.items():
+        thresholds[name] = _category_thresholds(
+            labels[selected], scores[selected], maps[selected], None if masks is None else masks[selected],
+            method, max_false_reject, name)
+    good = labels == 0
+    centroids = {}
+    for name, selected in groups.items():
+        if name:
+            mean = embeddings[selected & good].mean(axis=0) if (selected & good).any() else embeddings[selected].mean(0)
+            centroids[name] = (mean / max(np.linalg.norm(mean), 1e-12)).astype(float).tolist()
+    return Calibration(thresholds, centroids)
+
+
+def _category_thresholds(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray | None,
+                         method: str, max_false_reject: float, name: str) -> Thresholds:
+    good = labels == 0
+    where = f"category {name!r}" if name else "the calibration images"
+    if not good.any():
+        raise InpformerError(f"no good images in {where}; calibration needs images of defect-free parts")
+    good_scores, good_maxima = scores[good], maps[good].reshape(good.sum(), -1).max(axis=1)
+    if method == "f1":
+        if good.all() or masks is None:
+            raise InpformerError(f"calibration method f1 needs defective images with masks in {where}; "
+                                 "add them or use --method false-reject")
+        image = _f1_threshold(labels, scores)
+        pixel = _f1_threshold(masks.reshape(-1).astype(bool), maps.reshape(-1))
+    else:
+        image = float(np.quantile(good_scores, 1 - max_false_reject, method="higher"))
+        pixel = float(np.quantile(good_maxima, 1 - max_false_reject, method="higher"))
+    return Thresholds(
+        image=image,
+        pixel=pixel,
+        image_scale=_scale(image, good_scores),
+        pixel_scale=_scale(pixel, maps[good].reshape(-1)),
+        method=method,
+        num_good=int(good.sum()),
+        num_defective=int((~good).sum()),
+        false_reject=float((good_scores > image).mean()),
+    )
+
+
+def _f1_threshold(labels: np.ndarray, values: np.ndarray) -> float:
+    """The value above which (strictly) calling positives maximises F1."""
+    precision, recall, thresholds = precision_recall_curve(labels, values)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1]))
+    # precision_recall_curve predicts positive for values >= threshold; decisions here use values > threshold.
+    return float(np.nextafter(np.float32(thresholds[best]), np.float32(-np.inf)))
+
+
+def _scale(threshold: float, good_values: np.ndarray) -> float:
+    """Normalisation scale that maps the median good value to _GOOD_MEDIAN_TARGET (0.1) and the threshold to 0.5."""
+    spread = threshold - float(np.median(good_values))
+    if spread <= 0:  # degenerate (threshold at or below the median): fall back to the spread of the good values
+        spread = float(np.std(good_values)) * _LOGIT_SPAN
+    return max(spread / _LOGIT_SPAN, 1e-6)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * x))

@@ -1,0 +1,118 @@
+"""ONNX export of the inference graph, an int8 variant, and the ONNX Runtime that runs either one.
+
+The exported file is self-describing: the caller's metadata (categories, thresholds, preprocessing...) is stored
+as JSON in the model's metadata_props, so a deployment needs the .onnx file alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import InpformerError
+from .runtime import InferenceGraph, RuntimeOutput
+
+METADATA_KEY = "inpformer"
+FORMAT_VERSION = 1
+OUTPUTS = ("anomaly_map", "score", "decision", "embedding")
+_FIX = "re-export with `inpformer export RUN_DIR --onnx FILE`"
+
+
+def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int, metadata: dict, opset: int = 18) -> Path:
+    """Traces `graph` for images [batch, 3, input_size, input_size] (dynamic batch) into a checked ONNX file."""
+    if opset < 17:
+        raise InpformerError(f"opset {opset} is too old; use 17 or newer (LayerNormalization needs 17)")
+    graph.eval()
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            graph, (torch.zeros(1, 3, input_size, input_size),), buffer, dynamo=False, opset_version=opset,
+            input_names=["images"], output_names=list(OUTPUTS),
+            dynamic_axes={name: {0: "batch"} for name in ("images", *OUTPUTS)},
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    _set_metadata(model, metadata)
+    onnx.checker.check_model(model)
+    return _save_atomic(model, Path(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict:
+    """The metadata dict stored by `export_onnx` (raises InpformerError for other files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InpformerError(f"{path}: ONNX model not found; {_FIX}")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # protobuf raises several types for a file that is not ONNX
+        raise InpformerError(f"{path}: not an ONNX model; {_FIX}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise InpformerError(f"{path}: ONNX model without inpformer metadata (not exported by inpformer); {_FIX}")
+    version = int(props.get(f"{METADATA_KEY}_format_version", 0))
+    if version != FORMAT_VERSION:
+        raise InpformerError(f"{path}: inpformer ONNX format {version}, this version reads {FORMAT_VERSION}; {_FIX}")
+    return json.loads(props[METADATA_KEY])
+
+
+class OnnxRuntime:
+    """Runs an exported (fp32 or int8) model with ONNX Runtime on the CPU: images [B, 3, S, S] -> RuntimeOutput."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.metadata = read_onnx_metadata(self.path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.input_size = int(self.session.get_inputs()[0].shape[-1])
+
+    def __call__(self, images: np.ndarray) -> RuntimeOutput:
+        maps, scores, embeddings = self.session.run(
+            ["anomaly_map", "score", "embedding"], {"images": np.ascontiguousarray(images, np.float32)})
+        return RuntimeOutput(maps, scores, embeddings)
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path,
+                  calibration_images: np.ndarray | None = None) -> Path:
+    """Writes an int8 copy of an exported model (same inputs, outputs and metadata, plus "precision": "int8")."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    metadata = read_onnx_metadata(fp32_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_dynamic(fp32_path, quantized, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+        model = onnx.load(quantized)
+    _set_metadata(model, {**metadata, "precision": "int8"})
+    onnx.checker.check_model(model)
+    return _save_atomic(model, int8_path)
+
+
+def _set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({METADATA_KEY: json.dumps(metadata), f"{METADATA_KEY}_format_version": str(FORMAT_VERSION)})
+    onnx.helper.set_model_props(model, props)
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,219 @@
+"""From images to decisions: a `Predictor` runs a runtime (PyTorch or ONNX) and turns its raw output into
+`Prediction`s at each image's original resolution, with calibrated thresholds.
+
+Everything a predictor needs is in the model's metadata (sizes, normalisation, calibration, categories), so an
+exported ONNX file alone is enough to predict, exactly as the checkpoint it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from .calibration import Calibration
+from .data import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess, is_image_file, read_image
+from .errors import InpformerError
+from .runtime import RuntimeOutput
+from .visualize import prediction_overlay
+
+log = logging.getLogger("inpformer")
+Runtime = Callable[[np.ndarray], RuntimeOutput]
+
+
+@dataclass
+class Region:
+    """One connected defect region of a predicted mask, in original-image pixels (x1, y1 exclusive)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+    peak: float  # highest normalised map value in the region
+
+    def to_json(self) -> dict:
+        return {"box": [self.x0, self.y0, self.x1, self.y1], "area": self.area, "peak": round(self.peak, 4)}
+
+
+@dataclass
+class Prediction:
+    """The verdict on one image. Maps and masks are at the image's original resolution; pixels outside the
+    centre crop the model sees are 0 (not inspected)."""
+
+    source: str
+    score: float  # raw image score (mean of the top 1% map values)
+    normalized_score: float  # 0.5 at the threshold, comparable across categories
+    is_defective: bool
+    threshold: float  # raw image threshold the score was compared with
+    category: str
+    anomaly_map: np.ndarray = field(repr=False)  # (H, W) float32, normalised: 0.5 at the pixel threshold
+    mask: np.ndarray = field(repr=False)  # (H, W) bool, predicted defect pixels
+    regions: list[Region] = field(default_factory=list)
+    image: np.ndarray | None = field(default=None, repr=False)  # the RGB input, for overlays
+
+    @property
+    def decision(self) -> str:
+        return "defective" if self.is_defective else "good"
+
+    def overlay(self) -> np.ndarray:
+        """The image with the anomaly heat map and the predicted defect outlines, (H, W, 3) uint8."""
+        return prediction_overlay(_rgb(self.image), self.anomaly_map, self.mask)
+
+    def to_json(self) -> dict:
+        """The fields of predictions.json / the REST API, without the arrays."""
+        return {
+            "source": self.source,
+            "category": self.category,
+            "score": round(self.score, 6),
+            "normalized_score": round(self.normalized_score, 4),
+            "threshold": round(self.threshold, 6),
+            "decision": self.decision,
+            "defect_pixels": int(self.mask.sum()),
+            "regions": [r.to_json() for r in self.regions],
+        }
+
+
+@dataclass
+class Failure:
+    """An input that could not be predicted, with the one-line reason."""
+
+    source: str
+    message: str
+
+
+def model_metadata(config: dict, categories: Sequence[str], calibration: Calibration | None, **extra) -> dict:
+    """What a predictor (and an exported ONNX file) needs besides the network: sizes, normalisation, thresholds."""
+    return {
+        "image_size": config["image_size"],
+        "crop_size": config["crop_size"],
+        "map_size": config["map_size"],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "backbone": config["backbone"],
+        "categories": list(categories),
+        "calibration": calibration.to_dict() if calibration else None,
+        "config": config,
+        **extra,
+    }
+
+
+class Predictor:
+    """Images -> `Prediction`s with one runtime; `metadata` as built by `model_metadata`."""
+
+    def __init__(self, runtime: Runtime, metadata: dict, max_pixels: int = MAX_PIXELS):
+        if not metadata.get("calibration"):
+            raise InpformerError("this model has no calibrated thresholds (trained by an older version); run "
+                                 "`inpformer calibrate RUN_DIR` first")
+        self.runtime = runtime
+        self.metadata = metadata
+        self.calibration = Calibration.from_dict(metadata["calibration"])
+        self.categories: list[str] = list(metadata["categories"])
+        self.preprocess = Preprocess(metadata["image_size"], metadata["crop_size"], metadata["mean"], metadata["std"])
+        self.max_pixels = max_pixels
+
+    def predict(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
+                category: str | None = None) -> list[Prediction]:
+        """Predictions for RGB uint8 arrays (H, W, 3) (or gray (H, W)). Without `category`, a multi-class model
+        recognises each image's category from its embedding."""
+        if category is not None:
+            self.calibration.for_category(category)  # fails early, naming the known categories
+        if not images:
+            return []
+        sources = list(sources) if sources is not None else ["<array>"] * len(images)
+        batch = np.stack([self.preprocess(image).numpy() for image in images])
+        output = self.runtime(batch)
+        categories = [category] * len(images) if category else self._categories(output.embeddings)
+        return [self._prediction(*item) for item in zip(images, sources, categories, output.maps, output.scores,
+                                                           strict=True)]
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 8,
+                      category: str | None = None) -> Iterator[Prediction | Failure]:
+        """Reads and predicts files in batches; an unreadable file yields a `Failure` and the others go on."""
+        pending: list[tuple[np.ndarray, str]] = []
+        for path in paths:
+            try:
+                pending.append((read_image(path, max_pixels=self.max_pixels), str(path)))
+            except InpformerError as error:
+                yield Failure(str(path), str(error))
+            if len(pending) == batch_size:
+                yield from self.predict([p[0] for p in pending], [p[1] for p in pending], category)
+                pending = []
+        if pending:
+            yield from self.predict([p[0] for p in pending], [p[1] for p in pending], category)
+
+    def _categories(self, embeddings: np.ndarray) -> list[str]:
+        if len(self.categories) == 1:
+            return self.categories * len(embeddings)
+        return self.calibration.infer_categories(embeddings)
+
+    def _prediction(self, image: np.ndarray, source: str, category: str, token_map: np.ndarray,
+                    score: float) -> Prediction:
+        thresholds = self.calibration.for_category(category or None)
+        raw = to_original_resolution(token_map, image.shape[:2], self.preprocess.image_size, self.preprocess.crop_size)
+        mask = raw > thresholds.pixel
+        normalised = thresholds.normalize_maps(raw)
+        return Prediction(
+            source=source,
+            score=float(score),
+            normalized_score=float(thresholds.normalize_scores(score)),
+            is_defective=bool(score > thresholds.image),
+            threshold=thresholds.image,
+            category=category,
+            anomaly_map=normalised,
+            mask=mask,
+            regions=defect_regions(mask, normalised),
+            image=image,
+        )
+
+
+def to_original_resolution(anomaly_map: np.ndarray, shape: tuple[int, int], image_size: int,
+                           crop_size: int) -> np.ndarray:
+    """Places a map of the centre crop back onto the original image (H, W): the inverse of resize + centre crop.
+    Pixels outside the crop are 0."""
+    height, width = shape
+    left = round((image_size - crop_size) / 2.0)
+    x0, x1 = round(left * width / image_size), round((left + crop_size) * width / image_size)
+    y0, y1 = round(left * height / image_size), round((left + crop_size) * height / image_size)
+    resized = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32), "F").resize((x1 - x0, y1 - y0),
+                                                                                    Image.Resampling.BILINEAR)
+    full = np.zeros((height, width), dtype=np.float32)
+    full[y0:y1, x0:x1] = np.asarray(resized)
+    return full
+
+
+def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[Region]:
+    """Connected regions (8-connectivity) of a mask, largest peak first."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    peaks = ndimage.maximum(anomaly_map, labels, index)
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    regions = [Region(s[1].start, s[0].start, s[1].stop, s[0].stop, int(a), float(p))
+               for s, a, p in zip(ndimage.find_objects(labels), areas, peaks, strict=True)]
+    return sorted(regions, key=lambda r: -r.peak)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly, or found (recursively, sorted) in the folders given. Files named directly are
+    kept whatever their extension, so that a wrong file is reported rather than silently skipped."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = sorted(p for p in item.rglob("*") if is_image_file(p))
+            if not images:
+                log.warning("%s: no images found in this folder", item)
+            found += images
+        else:
+            found.append(item)
+    return found

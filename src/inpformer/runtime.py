@@ -1,0 +1,59 @@
+"""The inference graph (preprocessed images -> map, score, decision, embedding) and the PyTorch runtime.
+
+`InferenceGraph` is the single definition of inference: the PyTorch runtime runs it and the ONNX export traces
+it, so both runtimes compute the same thing by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import INPFormerNet
+from .scoring import AnomalyScorer
+
+
+@dataclass
+class RuntimeOutput:
+    """Raw outputs for a batch: maps [B, map_size, map_size], scores [B], embeddings [B, C] (L2-normalised mean
+    token of each image, used to recognise the category of an image for multi-class models)."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    embeddings: np.ndarray
+
+
+class InferenceGraph(nn.Module):
+    """Network + scorer + the pooled image threshold: images [B, 3, S, S] -> (maps, scores, decisions, embeddings)."""
+
+    def __init__(self, net: INPFormerNet, scorer: AnomalyScorer, image_threshold: float = float("inf"),
+                 zero_shot: bool = False):
+        super().__init__()
+        self.net = net
+        self.scorer = scorer
+        self.zero_shot = zero_shot
+        self.register_buffer("image_threshold", torch.tensor(image_threshold, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        output = self.net(images)
+        maps, scores = self.scorer(output, zero_shot=self.zero_shot)
+        embeddings = F.normalize(output.tokens.mean(dim=1), dim=-1)
+        return maps, scores, scores > self.image_threshold, embeddings
+
+
+class TorchRuntime:
+    """Runs an `InferenceGraph` with PyTorch on the CPU."""
+
+    name = "torch"
+
+    def __init__(self, graph: InferenceGraph):
+        self.graph = graph.eval()
+
+    def __call__(self, images: np.ndarray) -> RuntimeOutput:
+        with torch.inference_mode():
+            maps, scores, _, embeddings = self.graph(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
+        return RuntimeOutput(maps.numpy(), scores.numpy(), embeddings.numpy())
