@@ -16,7 +16,7 @@ import tracemalloc
 
 import numpy as np
 
-from inpformer.metrics import MetricAccumulator, image_metrics
+from inpformer.metrics import METRIC_NAMES, MetricAccumulator, compute_metrics, image_metrics
 
 
 def synthetic_batch(rng: np.random.Generator, n: int, size: int, defective: float = 0.5):
@@ -45,40 +45,58 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per add() call, as the detector's batches")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--float32", action="store_true",
+                        help="also keep all float32 maps and compare with compute_metrics on them (in memory)")
     args = parser.parse_args()
 
+    imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # inpformer imports torch
     rng = np.random.default_rng(args.seed)
     accumulator = MetricAccumulator()
-    all_labels, all_scores, add_seconds = [], [], 0.0
+    kept: dict[str, list[np.ndarray]] = {"labels": [], "scores": [], "masks": [], "maps": []}
+    add_seconds, peak = 0.0, 0
     tracemalloc.start()
     for start in range(0, args.images, args.batch):
         labels, scores, masks, maps = synthetic_batch(rng, min(args.batch, args.images - start), args.size)
-        maps = maps.astype(np.float16)
-        tracemalloc.reset_peak()  # the peak of add/compute, not of generating the batch
+        maps16 = maps.astype(np.float16)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
         begin = time.perf_counter()
-        accumulator.add(labels, scores, masks, maps)
+        accumulator.add(labels, scores, masks, maps16)
         add_seconds += time.perf_counter() - begin
-        peak = max(peak, tracemalloc.get_traced_memory()[1]) if start else tracemalloc.get_traced_memory()[1]
-        all_labels.append(labels)
-        all_scores.append(scores)
+        peak = max(peak, tracemalloc.get_traced_memory()[1] - held)
+        kept["labels"].append(labels)
+        kept["scores"].append(scores)
+        if args.float32:
+            kept["masks"].append(masks)
+            kept["maps"].append(maps)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
     begin = time.perf_counter()
     result = accumulator.compute()
     compute_seconds = time.perf_counter() - begin
-    peak = max(peak, tracemalloc.get_traced_memory()[1])
+    peak = max(peak, tracemalloc.get_traced_memory()[1] - held)
     tracemalloc.stop()
     begin = time.perf_counter()
-    image_metrics(np.concatenate(all_labels), np.concatenate(all_scores))
+    image_metrics(np.concatenate(kept["labels"]), np.concatenate(kept["scores"]))
     image_seconds = time.perf_counter() - begin
 
     pixels = args.images * args.size**2
-    print(f"{args.images} maps of {args.size}x{args.size} ({pixels / 1e6:.1f} M pixels), batches of {args.batch}")
-    print(f"float16 size of all maps:             {pixels * 2 / 2**20:8.1f} MiB (not kept)")
-    print(f"add (pixel counts + defect regions):  {add_seconds:8.2f} s")
-    print(f"compute (all seven metrics):          {compute_seconds:8.3f} s  (image metrics alone {image_seconds:.4f} s)")
-    print(f"total:                                {add_seconds + compute_seconds:8.2f} s")
-    print(f"peak traced memory (tracemalloc):     {peak / 2**20:8.1f} MiB")
-    print(f"max resident set size (getrusage):    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:8.1f} MiB")
-    print("  ".join(f"{name} {value:.4f}" for name, value in result.items()))
+    print(f"{args.images} maps of {args.size}x{args.size} ({pixels / 1e6:.1f} M pixels), batches of {args.batch}; "
+          f"as float16 they would take {pixels * 2 / 2**20:.1f} MiB")
+    print(f"add (pixel counts, defect regions): {add_seconds:8.2f} s")
+    print(f"compute (all seven metrics):        {compute_seconds:8.3f} s (image metrics alone: {image_seconds:.4f} s)")
+    print(f"total:                              {add_seconds + compute_seconds:8.2f} s")
+    print(f"accumulator state:                  {accumulator.nbytes / 2**20:8.1f} MiB")
+    print(f"peak memory of add/compute:         {peak / 2**20:8.1f} MiB (tracemalloc, above what each call started "
+          "with: the batch and the state)")
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"max resident set (getrusage):       {maxrss:8.1f} MiB (whole process; {imported:.1f} MiB after imports)")
+    print("float16 accumulator: " + "  ".join(f"{name} {value:.6f}" for name, value in result.items()))
+    if args.float32:
+        begin = time.perf_counter()
+        exact = compute_metrics(*(np.concatenate(kept[k]) for k in ("labels", "scores", "masks", "maps")))
+        print(f"compute_metrics on the float32 maps: {time.perf_counter() - begin:.2f} s")
+        print("float16 - float32:   " + "  ".join(f"{m} {result[m] - exact[m]:+.1e}" for m in METRIC_NAMES))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from inpformer import metrics
 from inpformer.errors import InpformerError
-from inpformer.metrics import METRIC_NAMES, aupro, compute_metrics, image_metrics, pixel_metrics
+from inpformer.metrics import METRIC_NAMES, MetricAccumulator, aupro, compute_metrics, image_metrics, pixel_metrics
 
 
 def sklearn_metrics(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float, float]:
@@ -56,7 +57,7 @@ def test_image_metrics_match_sklearn_with_ties(seed):
     )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_pixel_metrics_match_sklearn_with_ties_and_negatives(dtype):
     rng = np.random.default_rng(3)
     masks = random_masks(rng, 6, 24)
@@ -157,3 +158,54 @@ def test_invalid_inputs_raise_clear_errors():
         pixel_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
     with pytest.raises(InpformerError, match="max_fpr"):
         pixel_metrics(np.ones((1, 2, 2)), np.zeros((1, 2, 2)), max_fpr=0.0)
+
+
+def blob_batch(rng: np.random.Generator, n: int, size: int = 32):
+    """Labels, scores, masks with a few blobs per defective image, float32 maps with ties (more as float16)."""
+    masks = ndimage.binary_dilation(rng.random((n, size, size)) < 0.004, np.ones((1, 5, 5)))
+    masks[0] = False
+    maps = np.round(rng.random(masks.shape) + 0.5 * masks, 4).astype(np.float32)
+    return masks.any(axis=(1, 2)), maps.max(axis=(1, 2)), masks, maps
+
+
+def test_accumulator_equals_compute_metrics_on_float16_maps():
+    rng = np.random.default_rng(12)
+    labels, scores, masks, maps = blob_batch(rng, 12)
+    accumulator = MetricAccumulator()
+    accumulator.add(labels, scores, masks, maps)
+    expected = compute_metrics(labels, scores, masks, maps.astype(np.float16))
+    assert accumulator.compute() == pytest.approx(expected, rel=0, abs=1e-12)
+    assert expected != pytest.approx(compute_metrics(labels, scores, masks, maps), rel=0, abs=1e-9)  # float16 ties
+
+
+def test_accumulator_batches_equal_one_add(monkeypatch):
+    rng = np.random.default_rng(13)
+    batch = blob_batch(rng, 10)
+    whole = MetricAccumulator()
+    whole.add(*batch)
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 1)  # one image per labelling chunk
+    pieces = MetricAccumulator()
+    for part in np.split(np.arange(10), [1, 4, 5]):
+        pieces.add(*(array[part] for array in batch))
+    assert pieces.compute() == pytest.approx(whole.compute(), rel=0, abs=1e-12)
+    masks, maps = batch[2], batch[3].astype(np.float64)
+    assert aupro(masks, maps) == pytest.approx(brute_force_aupro(masks, maps, 0.3), abs=1e-9)
+
+
+def test_accumulator_without_maps_and_invalid_batches():
+    rng = np.random.default_rng(14)
+    labels, scores, masks, maps = blob_batch(rng, 4)
+    accumulator = MetricAccumulator()
+    accumulator.add(labels, scores)
+    result = accumulator.compute()
+    assert result == pytest.approx({**image_metrics(labels, scores), **dict.fromkeys(METRIC_NAMES[3:], np.nan)},
+                                   nan_ok=True)
+    accumulator.add(labels, scores, masks, maps)
+    with pytest.raises(InpformerError, match="for 4 of 8 images"):
+        accumulator.compute()
+    with pytest.raises(InpformerError, match="4 labels but 3 anomaly maps"):
+        accumulator.add(labels, scores, masks[:3], maps[:3])
+    maps[1, 0, 0] = np.nan
+    with pytest.raises(InpformerError, match="NaN"):
+        MetricAccumulator().add(labels, scores, masks, maps)
+    assert MetricAccumulator().compute() == pytest.approx(dict.fromkeys(METRIC_NAMES, np.nan), nan_ok=True)

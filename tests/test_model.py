@@ -190,7 +190,7 @@ class TinyDataset(torch.utils.data.Dataset):
 
 
 def test_training_is_reproducible_and_cache_does_not_change_it():
-    config = make_config("cpu", iterations=6, batch_size=4, warmup_iterations=2)
+    config = make_config("cpu", iterations=6, batch_size=4, warmup_iterations=2, device="cpu")
     runs = []
     for cached in (True, True, False):
         config.feature_cache = cached

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -53,8 +54,8 @@ def test_auto_storage_uses_disk_when_memory_is_short(tmp_path, monkeypatch):
 
 def test_disk_cache_without_room_and_unknown_settings_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("INPFORMER_CACHE", str(tmp_path))
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
-    with pytest.raises(InpformerError, match="feature cache needs .* INPFORMER_CACHE"):
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=10))
+    with pytest.raises(InpformerError, match=r"feature cache needs .* INPFORMER_CACHE"):
         training.encode_dataset(make_net(), TinyDataset(3), storage="disk", progress=False)
     with pytest.raises(InpformerError, match="feature cache storage 'ram'"):
         training.encode_dataset(make_net(), TinyDataset(3), storage="ram", progress=False)
@@ -71,31 +72,29 @@ def test_configs_of_older_versions_still_load():
     assert config.feature_cache is False and config.device == "auto" and config.feature_cache_storage == "auto"
 
 
+CACHES = {"memory": {"feature_cache_storage": "memory"}, "disk": {"feature_cache_storage": "disk"},
+          "off": {"feature_cache": False}}
+
+
 def _train_in_process(result_file):
-    """One rank of the data-parallel test: cached and uncached training of the same tiny model."""
+    """One rank of the data-parallel test: the same tiny model trained from each kind of feature cache."""
     dataset = TinyDataset(33)  # uneven shards: 17 and 16 images, so one rank encodes an empty last batch
-    results = {cached: _train(dataset, feature_cache=cached) for cached in (True, False)}
+    results = {name: _train(dataset, **settings) for name, settings in CACHES.items()}
     if distributed.is_main_process():
         torch.save(results, result_file)
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("INPFORMER_CACHE", str(tmp_path))
     assert distributed.spawn(_train_in_process, 2, tmp_path / "two.pt") == 0
     two = torch.load(tmp_path / "two.pt")
     dataset = TinyDataset(33)
-    for cached in (True, False):
-        losses, weights = _train(dataset, feature_cache=cached)  # batch 5: shares of 3 and 2 images
-        np.testing.assert_allclose(two[cached][0], losses, rtol=1e-5, atol=1e-6)
-        for name, value in weights.items():
-            torch.testing.assert_close(two[cached][1][name], value, rtol=1e-5, atol=1e-6)
-
-
-def _fail_in_process():
-    return 3 if distributed.rank() == 1 else 0
-
-
-def test_spawn_reports_a_failed_process():
-    assert distributed.spawn(_fail_in_process, 2) == 3
+    for name, settings in CACHES.items():
+        losses, weights = _train(dataset, **settings)  # batch 5: shares of 3 and 2 images in two processes
+        np.testing.assert_allclose(two[name][0], losses, rtol=1e-5, atol=1e-6)
+        for key, value in weights.items():
+            torch.testing.assert_close(two[name][1][key], value, rtol=1e-5, atol=1e-6)
+    assert not any((tmp_path / "features").iterdir())
 
 
 @pytest.mark.slow

@@ -6,11 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import distributed
 from .backbone import BACKBONES
 from .calibration import METHODS
 from .config import PRESETS, make_config
 from .data import MAX_PIXELS
 from .datasets import DATASET_KINDS
+from .distributed import DEVICES
 from .errors import InpformerError
 from .runs import (
     RUNTIMES,
@@ -26,7 +28,8 @@ from .runs import (
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "iterations", "epochs", "batch_size",
                   "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
-                  "coherence_weight", "seed", "feature_cache", "val_fraction", "max_false_reject")
+                  "coherence_weight", "seed", "feature_cache", "val_fraction", "max_false_reject",
+                  "feature_cache_storage", "device", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of good training images held out to calibrate the thresholds (default 0.1)")
     train.add_argument("--max-false-reject", type=float, metavar="R",
                        help="calibrated thresholds reject at most this fraction of good images (default 0.01)")
+    train.add_argument("--feature-cache-storage", choices=("auto", "memory", "disk"),
+                       help="where the feature cache lives (default auto: memory when it takes under a quarter of "
+                            "the free RAM, else a memory-mapped file under $INPFORMER_CACHE)")
+    train.add_argument("--device", choices=DEVICES, help="training device (default auto: CUDA when available)")
+    train.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="data-parallel training processes on this machine, one per GPU (default 1); "
+                            "--batch-size is the total over them. Several machines: see torchrun in the README")
+    train.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                       help="do not torch.compile the decoder (only ever compiled when training on CUDA)")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -109,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", metavar="NAME", help="which model of the run")
     export.add_argument("--category", help="the model of this category")
 
+    serve = commands.add_parser("serve", help="HTTP service: POST /predict, an operator page at /, GET /model")
+    serve.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, a .pt checkpoint or an .onnx file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    serve.add_argument("--workers", type=int, default=1, metavar="N", help="server processes, each with the model")
+    serve.add_argument("--model", metavar="NAME", help="which model of the run (see run.json)")
+    serve.add_argument("--api-key", help="require this key in the X-API-Key header (or set INPFORMER_API_KEY)")
+    serve.add_argument("--max-upload-mb", type=float, default=32.0, metavar="MB", help="request body limit")
+    serve.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N", help="per-image pixel limit")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="B", help="images per inference call")
+    serve.add_argument("--queue-size", type=int, default=64, metavar="N",
+                       help="images waiting for inference; beyond, requests get 503")
+
     demo = commands.add_parser("demo", help="train and evaluate on the ELPV solar-cell images shipped by PyPI")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
     demo.add_argument("--iterations", type=int, default=None)
@@ -147,9 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             config = make_config(args.preset, **{k: getattr(args, k) for k in CONFIG_OPTIONS})
+            if args.devices < 1:
+                raise InpformerError(f"--devices must be at least 1, got {args.devices}")
+            if args.devices > 1 and not distributed.launched():
+                return distributed.spawn(main, args.devices, sys.argv[1:] if argv is None else list(argv))
+            distributed.setup(config.device)
             train_run(_sources(args, required=True), args.out, config, args.setting, args.categories,
-                      shots=args.shots, repeats=args.repeats, progress=not args.quiet)
-            print(f"trained; next: inpformer test {args.out}")
+                      shots=args.shots, repeats=args.repeats, progress=not args.quiet and distributed.is_main_process())
+            if distributed.is_main_process():
+                print(f"trained; next: inpformer test {args.out}")
         elif args.command == "test":
             evaluation = test_run(args.run_dir, _sources(args, required=False), args.categories, args.model,
                                   args.zero_shot, args.save_maps, args.out, progress=not args.quiet,
@@ -171,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             path = export_model(resolve_model(args.run_dir, args.model, args.category), args.onnx, args.int8)
             print(f"exported {path}")
+        elif args.command == "serve":
+            from .serving import Settings, serve
+
+            serve(args.run_dir, args.host, args.port, args.runtime, args.workers, args.model,
+                  Settings(max_bytes=round(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                           max_batch=args.max_batch, queue_size=args.queue_size, api_key=args.api_key))
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "runs/demo", iterations: int | None = None, progr
         train, test = elpv_samples()
         detector = INPFormer(preset="cpu", iterations=iterations or 200).fit(train, progress=progress)
         detector.save(out / "model.pt")
-        evaluation = detector.evaluate(test, progress=progress)
+        evaluation = detector.evaluate(test, progress=progress, keep_maps=True)
         write_results(out, evaluation, save_maps=False)
         save_heatmaps(evaluation.images[0], detector.preprocess, out / "heatmaps")
     return evaluation

@@ -23,7 +23,7 @@ from .config import Config, config_from_dict, make_config
 from .data import ImageDataset, Preprocess, Sample, read_image
 from .errors import InpformerError
 from .inference import Prediction, Predictor, model_metadata
-from .metrics import compute_metrics
+from .metrics import MetricAccumulator
 from .model import INPFormerNet
 from .results import Evaluation, ScoredImages
 from .runtime import InferenceGraph, TorchRuntime
@@ -108,35 +108,47 @@ class INPFormer:
         return self.calibration
 
     def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
-              zero_shot: bool = False, progress: bool = False) -> ScoredImages:
-        """Anomaly maps (map_size x map_size, as the metrics use them), image scores and embeddings."""
+              zero_shot: bool = False, progress: bool = False, keep_maps: bool = True,
+              metrics: MetricAccumulator | None = None, pixel_metrics: bool = True) -> ScoredImages:
+        """Image scores, embeddings and (with `keep_maps`) the anomaly maps at map_size in float16, as the metrics
+        use them.
+        With `metrics`, every batch is also added to that accumulator (maps and masks too with `with_masks` and
+        `pixel_metrics`), so metrics need no maps kept."""
         runtime = TorchRuntime(self.inference_graph(zero_shot))
         loader = DataLoader(ImageDataset(list(samples), self.preprocess, with_masks=with_masks), batch_size=batch_size)
-        outputs, masks = [], []
+        scores, maps, masks, embeddings = [], [], [], []
         for batch in _maybe_progress(loader, progress):
-            outputs.append(runtime(batch["image"].numpy()))
+            output = runtime(batch["image"].numpy())
+            mask = None
             if with_masks:
                 mask = F.interpolate(batch["mask"][:, None].float(), size=self.config.map_size, mode="nearest")
-                masks.append(mask[:, 0].to(torch.uint8).numpy())
-        return ScoredImages(list(samples), np.concatenate([o.scores for o in outputs]),
-                            np.concatenate([o.maps for o in outputs]),
-                            np.concatenate(masks) if with_masks else None,
-                            np.concatenate([o.embeddings for o in outputs]))
+                mask = mask[:, 0].to(torch.uint8).numpy()
+                masks.append(mask)
+            if metrics is not None:
+                pixels = (mask, output.maps) if with_masks and pixel_metrics else ()
+                metrics.add(batch["label"].numpy(), output.scores, *pixels)
+            scores.append(output.scores)
+            embeddings.append(output.embeddings)
+            if keep_maps:  # float16: half the memory, and exactly the values the metric accumulator uses
+                maps.append(output.maps.astype(np.float16))
+        return ScoredImages(list(samples), np.concatenate(scores), np.concatenate(maps) if keep_maps else None,
+                            np.concatenate(masks) if with_masks and keep_maps else None, np.concatenate(embeddings))
 
-    def evaluate(self, samples: Sequence[Sample], zero_shot: bool = False, progress: bool = True) -> Evaluation:
-        """Per-category metrics on labelled test samples (pixel metrics when masks exist)."""
+    def evaluate(self, samples: Sequence[Sample], zero_shot: bool = False, progress: bool = True,
+                 keep_maps: bool = False) -> Evaluation:
+        """Per-category metrics on labelled test samples (pixel metrics when masks exist), streamed: a category's
+        maps are folded into its metrics batch by batch and dropped, unless `keep_maps` (for reports, maps.npz)."""
         by_category: dict[str, list[Sample]] = {}
         for sample in samples:
             by_category.setdefault(sample.category, []).append(sample)
         metrics, scored = {}, []
         for category, items in by_category.items():
-            result = self.score(items, with_masks=True, zero_shot=zero_shot, progress=progress)
             has_masks = any(s.label == 1 for s in items) and all(
                 s.mask_path is not None for s in items if s.label == 1)
-            labels = np.array([s.label for s in items])
-            metrics[category] = compute_metrics(labels, result.scores, result.masks if has_masks else None,
-                                                result.maps if has_masks else None)
-            scored.append(result)
+            accumulator = MetricAccumulator()
+            scored.append(self.score(items, with_masks=True, zero_shot=zero_shot, progress=progress,
+                                     keep_maps=keep_maps, metrics=accumulator, pixel_metrics=has_masks))
+            metrics[category] = accumulator.compute()
         return Evaluation(metrics, scored)
 
     def predict(self, images: Sequence[str | Path | np.ndarray] | str | Path | np.ndarray,

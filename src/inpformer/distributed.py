@@ -70,6 +70,8 @@ def setup(device: str = "auto") -> torch.device:
     if launched() and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=resolved if use_cuda else None)
         atexit.register(dist.destroy_process_group)
+        if not use_cuda:  # the processes of a machine share its cores
+            torch.set_num_threads(max(1, _cpus() // local_world_size()))
         if not is_main_process():
             log.addFilter(lambda record: record.levelno >= logging.WARNING)
     return resolved
@@ -77,8 +79,7 @@ def setup(device: str = "auto") -> torch.device:
 
 def loader_workers() -> int:
     """DataLoader worker processes for image decoding: up to 4, leaving this process a core of its share."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cpus // local_world_size() - 1))
+    return max(0, min(4, _cpus() // local_world_size() - 1))
 
 
 def global_mean(x: Tensor) -> Tensor:
@@ -116,13 +117,13 @@ def gather_rows(rows: Tensor, index: Tensor, capacity: int) -> tuple[Tensor, Ten
     return all_rows[keep], all_index[keep]
 
 
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's `value` on every process."""
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's `value` (picklable), in rank order."""
     if world_size() == 1:
-        return value
-    values = [value]
-    dist.broadcast_object_list(values, src=0)
-    return values[0]
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:
@@ -147,6 +148,10 @@ def _run_rank(index: int, nprocs: int, port: int, fn: Callable[..., int | None],
     code = fn(*args)
     if code:
         sys.exit(code)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _free_port() -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from .runtime import InferenceGraph, RuntimeOutput
 METADATA_KEY = "inpformer"
 FORMAT_VERSION = 1
 OUTPUTS = ("anomaly_map", "score", "decision", "embedding")
+_DECODER_MLP_INPUT = re.compile(r"/decoder\.\d+/mlp/fc1/MatMul$")
 _FIX = "re-export with `inpformer export RUN_DIR --onnx FILE`"
 
 
@@ -31,7 +34,9 @@ def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int, metada
         raise InpformerError(f"opset {opset} is too old; use 17 or newer (LayerNormalization needs 17)")
     graph.eval()
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # timm's input-size asserts hold by construction here (fixed input size), so tracing them is harmless
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             graph, (torch.zeros(1, 3, input_size, input_size),), buffer, dynamo=False, opset_version=opset,
             input_names=["images"], output_names=list(OUTPUTS),
@@ -83,16 +88,26 @@ class OnnxRuntime:
         return RuntimeOutput(maps, scores, embeddings)
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path,
-                  calibration_images: np.ndarray | None = None) -> Path:
-    """Writes an int8 copy of an exported model (same inputs, outputs and metadata, plus "precision": "int8")."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path) -> Path:
+    """Writes an int8 copy of an exported model (same inputs, outputs and metadata, plus "precision": "int8").
+
+    Dynamic quantisation: int8 weights, activations quantised per batch at run time, so no calibration data is
+    needed. On a 2-core AVX2 CPU it runs ~1.5x faster than fp32 with I-/P-AUROC within 0.005; static QDQ with
+    calibrated activation ranges was both slower and less accurate, per-channel weights less accurate (the AVX2
+    u8 x s8 kernel saturates). The decoder's MLP inputs stay fp32: from the middle blocks on, nearly all their
+    channels are ~0.02 while a few reach ~9, and one per-tensor int8 scale erases the small ones (quantising them
+    too costs ~0.01 P-AUROC).
+    """
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     metadata = read_onnx_metadata(fp32_path)
     with tempfile.TemporaryDirectory() as tmp:
-        quantized = Path(tmp) / "int8.onnx"
-        quantize_dynamic(fp32_path, quantized, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)  # symbolic inference fails on this graph
+        keep_fp32 = [n.name for n in onnx.load(prepared).graph.node if _DECODER_MLP_INPUT.search(n.name)]
+        quantize_dynamic(prepared, quantized, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                         nodes_to_exclude=keep_fp32)
         model = onnx.load(quantized)
     _set_metadata(model, {**metadata, "precision": "int8"})
     onnx.checker.check_model(model)
@@ -107,12 +122,10 @@ def _set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
 
 def _save_atomic(model: onnx.ModelProto, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         onnx.save(model, tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path

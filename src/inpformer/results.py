@@ -19,7 +19,7 @@ class ScoredImages:
 
     samples: list[Sample]
     scores: np.ndarray  # (N,) float32
-    maps: np.ndarray  # (N, map_size, map_size) float32
+    maps: np.ndarray | None = None  # (N, map_size, map_size) float16, unless dropped after streaming the metrics
     masks: np.ndarray | None = None  # (N, map_size, map_size) uint8 0/1, when ground truth was read
     embeddings: np.ndarray | None = None  # (N, C) unit mean-token embeddings
 

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import logging
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from .config import Config
 from .data import MAX_PIXELS, Sample, read_image
 from .datasets import DATASET_KINDS, load_dataset, load_folder
 from .detector import INPFormer, split_validation
+from .distributed import is_main_process
 from .errors import InpformerError
 from .export import OnnxRuntime, export_onnx, quantize_int8
 from .inference import Failure, Predictor, find_images, to_original_resolution
@@ -124,14 +126,16 @@ def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, se
             detector = INPFormer.from_config(model_config)
             detector.fit(items, augment=setting == "few-shot", progress=progress)
             file = Path("models") / f"{name}.pt"
-            detector.save(out / file)
+            if is_main_process():  # the processes of a data-parallel run hold the same model
+                detector.save(out / file)
             seconds[name] = time.perf_counter() - start
             models[name] = {"file": str(file), "categories": detector.categories, "repeat": repeat,
                             "training_images": [str(s.path) for s in items] if setting == "few-shot" else len(items)}
             log.info("model %s: trained in %.1f min, saved %s", name, seconds[name] / 60, out / file)
         run = {"setting": setting, "data": [s.to_json() for s in sources], "categories": found, "shots": shots,
                "repeats": repeats, "models": models, "config": config.to_dict(), "train_seconds": seconds}
-        (out / "run.json").write_text(json.dumps(run, indent=2))
+        if is_main_process():
+            (out / "run.json").write_text(json.dumps(run, indent=2))
     return run
 
 
@@ -188,14 +192,16 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
             wanted = None if zero_shot else set(info["categories"])
             items = [s for s in samples if wanted is None or s.category in wanted]
             log.info("model %s: testing on %d images%s", name, len(items), " (zero-shot)" if zero_shot else "")
-            evaluation = detector.evaluate(items, zero_shot=zero_shot, progress=progress)
+            evaluation = detector.evaluate(items, zero_shot=zero_shot, progress=progress,
+                                           keep_maps=save_maps or report)
             by_repeat.setdefault(info.get("repeat", 0), []).append(evaluation)
             if report and info.get("repeat", 0) == 0:
                 gallery += [item for scored in evaluation.images for item in _gallery(detector, scored)]
         seconds = time.perf_counter() - start
         evaluation = combine_repeats([merge(evaluations) for evaluations in by_repeat.values()])
         num_images = sum(len(s.samples) for s in evaluation.images)
-        log.info("tested %d images in %.1f s (%.1f images/s)", num_images, seconds, num_images / seconds)
+        log.info("tested %d images in %.1f s (%.1f images/s), peak memory %.0f MB", num_images, seconds,
+                 num_images / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         _warn_missing_metrics(evaluation)
         write_results(out, evaluation, save_maps)
         if report:

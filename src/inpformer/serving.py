@@ -61,7 +61,14 @@ class Settings:
     max_wait: float = 0.005  # seconds a batch waits for more images
     queue_size: int = 64  # images waiting for inference; beyond: 503
     threads: int = 1  # inference threads
-    api_key: str | None = None  # required by every endpoint but /health (and the page's static files)
+    api_key: str | None = None  # needed by every endpoint but /health and the page; or $INPFORMER_API_KEY
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_pixels", "max_files", "max_batch", "queue_size", "threads"):
+            if getattr(self, name) < 1:
+                raise InpformerError(f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        self.max_files = min(self.max_files, self.queue_size)  # a larger request could never be queued
+        self.api_key = self.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 class Busy(Exception):
@@ -246,18 +253,18 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
             except InpformerError as error:
                 raise HTTPException(400, str(error)) from None
         uploads = await _read_uploads(request, settings.max_files, name)
-        images = await run_in_threadpool(_decode, uploads, settings.max_pixels)
-        readable = [i for i, image in enumerate(images) if isinstance(image, np.ndarray)]
+        decoded = await run_in_threadpool(_decode, uploads, settings.max_pixels)
+        results = [{"source": source, "error": item} if isinstance(item, str) else {}
+                   for (source, _), item in zip(uploads, decoded, strict=True)]
+        readable = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
         try:
-            futures = request.app.state.batcher.submit([images[i] for i in readable],
+            futures = request.app.state.batcher.submit([decoded[i] for i in readable],
                                                        [uploads[i][0] for i in readable], category)
         except Busy as error:
             return JSONResponse({"error": str(error)}, 503, headers={"Retry-After": "1"})
         predictions = await asyncio.gather(*map(asyncio.wrap_future, futures))
         for i, prediction in zip(readable, predictions, strict=True):
-            images[i] = await run_in_threadpool(_result, images[i], prediction, overlay)
-        results = [image if isinstance(image, dict) else {"source": source, "error": image}
-                   for image, (source, _) in zip(images, uploads, strict=True)]
+            results[i] = await run_in_threadpool(_result, decoded[i], prediction, overlay)
         if readable:
             return JSONResponse({"results": results})
         return JSONResponse({"error": results[0]["error"] if len(results) == 1 else "no image could be read",
@@ -341,8 +348,9 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime
     """Runs the service until interrupted. `workers` > 1 starts that many processes, each with its own model."""
     import uvicorn
 
+    if workers < 1:
+        raise InpformerError(f"--workers must be at least 1, not {workers}")
     settings = settings or Settings()
-    settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
     threads = max(1, (os.cpu_count() or 1) // workers)
     predictor = load_predictor(target, runtime, model, threads=threads)  # fails early; exports ONNX once
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -353,7 +361,9 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime
     del predictor
     os.environ[_WORKER_ENV] = json.dumps({"target": str(target), "runtime": runtime, "model": model,
                                           "threads": threads, "settings": dataclasses.asdict(settings)})
-    uvicorn.run("inpformer.serving:app_from_env", factory=True, host=host, port=port, workers=workers)
+    # Loading a model can keep a worker from answering uvicorn's health pings for more than the default 5 s.
+    uvicorn.run("inpformer.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
+                timeout_worker_healthcheck=120)
 
 
 def app_from_env() -> FastAPI:

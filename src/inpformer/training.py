@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
+from .augment import ExpandedDataset
 from .backbone import cache_dir
 from .config import Config
+from .data import ImageDataset
 from .errors import InpformerError
 from .losses import inp_coherence_loss, soft_mining_loss
 from .model import INPFormerNet, ModelOutput
@@ -129,12 +131,12 @@ def encode_dataset(net: INPFormerNet, dataset: Dataset, device: torch.device | s
     shape = (len(dataset), *probe.shape[1:])
     nbytes = math.prod(shape) * 4
     available = available_memory()
-    if storage == "auto":
+    if storage == "auto":  # on disk if it does not fit one of the machines (all processes must agree)
         fits = available is None or nbytes * distributed.local_world_size() < MEMORY_SHARE * available
-        storage = "memory" if fits else "disk"
+        storage = "memory" if all(distributed.gather_objects(fits)) else "disk"
     where = "in memory" + (f" ({available / 2**30:.1f} GB free)" if available else "")
     if storage == "disk":
-        token = distributed.broadcast_object(uuid.uuid4().hex)
+        token = distributed.gather_objects(uuid.uuid4().hex)[0]
         path = cache_dir() / "features" / f"{token}-{os.environ.get('GROUP_RANK', '0')}.f32"
         where = f"memory-mapped in {path.parent}"
     log.info("feature cache: %d images x %s float32 = %.1f MB, %s", len(dataset), tuple(shape[1:]), nbytes / 2**20,
@@ -143,7 +145,7 @@ def encode_dataset(net: INPFormerNet, dataset: Dataset, device: torch.device | s
     features = torch.empty(shape) if storage == "memory" else _mapped_file(path, shape, writer)
     batch_size = 64 if device.type == "cuda" else 16
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size,
-                        num_workers=distributed.loader_workers(), pin_memory=device.type == "cuda")
+                        **_loader_options(dataset, device))
     batches = iter(loader)
     steps = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     with torch.inference_mode():
@@ -158,6 +160,13 @@ def encode_dataset(net: INPFormerNet, dataset: Dataset, device: torch.device | s
                 features[index.cpu()] = rows.float().cpu()
     distributed.barrier()  # every process sees the whole file
     return features
+
+
+def _loader_options(dataset: Dataset, device: torch.device) -> dict:
+    """Worker processes when the items are decoded from image files (in-memory items gain nothing from them);
+    pinned memory for copies to a GPU."""
+    decodes = isinstance(dataset, (ImageDataset, ExpandedDataset))
+    return {"num_workers": distributed.loader_workers() if decodes else 0, "pin_memory": device.type == "cuda"}
 
 
 def available_memory() -> int | None:
@@ -222,8 +231,7 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         training_log.cache_seconds = time.perf_counter() - start
         inputs = (cache[indices].to(device, non_blocking=True) for indices in batches)
     else:
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=distributed.loader_workers(),
-                            pin_memory=device.type == "cuda")
+        loader = DataLoader(dataset, batch_sampler=batches, **_loader_options(dataset, device))
         inputs = (net.encode(batch["image"].to(device, non_blocking=True)) for batch in loader)
     decode: nn.Module = _Decode(net, compile=config.compile and device.type == "cuda")
     if world > 1:

@@ -1,0 +1,288 @@
+"""The HTTP service: every endpoint and every bad input, with FastAPI's TestClient and a tiny trained model."""
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from synthetic import make_mvtec
+
+from inpformer import INPFormer, load_mvtec
+from inpformer.cli import main
+from inpformer.runs import load_predictor
+from inpformer.serving import API_KEY_ENV, Batcher, Busy, Settings, create_app
+
+_trained: dict[str, str] = {}
+
+
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random-backbone model trained on generated images, once per session (the browser test shares it)."""
+    if "path" not in _trained:
+        folder = tmp_path_factory.mktemp("serving")
+        data = make_mvtec(folder / "data", categories=("plate",), n_train=8, n_good_test=2, defect_types={"spot": 2})
+        detector = INPFormer(preset="cpu", backbone="tiny_random", image_size=64, crop_size=56, iterations=5,
+                             batch_size=4, warmup_iterations=2)
+        _trained["path"] = str(detector.fit(load_mvtec(data, "train", ["plate"]), progress=False).save(folder / "m.pt"))
+    return _trained["path"]
+
+
+def png_bytes(height: int = 48, width: int = 64, seed: int = 0) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decode_png(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    return load_predictor(tiny_model(tmp_path_factory))
+
+
+@pytest.fixture
+def serve(predictor, monkeypatch):
+    """Starts the app with the given settings (inference threads run inside the `with`)."""
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+
+    def start(predictor=predictor, **settings) -> TestClient:
+        return TestClient(create_app(predictor, Settings(**settings)), raise_server_exceptions=False)
+
+    return start
+
+
+class Gated:
+    """The real predictor, held at a gate before each batch; records batch sizes."""
+
+    def __init__(self, inner, fail: bool = False):
+        self.inner, self.fail = inner, fail
+        self.gate, self.entered, self.batches = threading.Event(), threading.Event(), []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict(self, images, sources, category):
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("CUDA exploded at /secret/path.py line 12")
+        return self.inner.predict(images, sources, category)
+
+
+def wait_until(condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_raw_image_gets_decision_mask_and_boxes(serve, predictor):
+    data = png_bytes(48, 64)
+    with serve() as client:
+        response = client.post("/predict?name=part.png", content=data, headers={"content-type": "image/png"})
+    assert response.status_code == 200
+    [result] = response.json()["results"]
+    expected = predictor.predict([np.asarray(Image.open(io.BytesIO(data)))], ["part.png"])[0]
+    assert result["source"] == "part.png" and result["category"] == "plate"
+    assert result["score"] == pytest.approx(expected.score, abs=1e-5)
+    assert result["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
+    assert result["decision"] == ("defective" if result["score"] > result["threshold"] else "good")
+    assert 0 <= result["normalized_score"] <= 1 and (result["width"], result["height"]) == (64, 48)
+    mask = decode_png(result["mask_png"])
+    assert mask.shape == (48, 64) and int(mask.astype(bool).sum()) == result["defect_pixels"]
+    assert len(result["regions"]) == len(expected.regions)
+    for region in result["regions"]:
+        x0, y0, x1, y1 = region["box"]
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48 and mask[y0:y1, x0:x1].any()
+    assert "overlay_png" not in result
+
+
+def test_overlay_is_added_on_request(serve):
+    with serve() as client:
+        result = client.post("/predict?overlay=true", content=png_bytes(40, 56)).json()["results"][0]
+    assert decode_png(result["overlay_png"]).shape == (40, 56, 3)
+
+
+def test_multipart_batch_keeps_order_and_bad_files_fail_alone(serve):
+    files = [("files", ("a.png", png_bytes(seed=1), "image/png")),
+             ("files", ("notes.txt", b"not an image", "text/plain")),
+             ("files", ("cut.png", png_bytes(seed=2)[:200], "image/png")),
+             ("files", ("b.png", png_bytes(32, 32, seed=3), "image/png"))]
+    with serve() as client:
+        response = client.post("/predict", files=files)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["source"] for r in results] == ["a.png", "notes.txt", "cut.png", "b.png"]
+    assert "decision" in results[0] and "decision" in results[3] and results[3]["width"] == 32
+    assert results[1]["error"].startswith("notes.txt: cannot read image")
+    assert "truncated" in results[2]["error"] and "decision" not in results[2]
+
+
+def test_all_bad_files_is_400_naming_each(serve):
+    files = [("files", ("x.jpg", b"\xff\xd8garbage", "image/jpeg")), ("files", ("y.png", b"", "image/png"))]
+    with serve() as client:
+        response = client.post("/predict", files=files)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == "no image could be read" and [r["source"] for r in body["results"]] == ["x.jpg", "y.png"]
+
+
+def _multipart_without_files() -> tuple[bytes, dict]:
+    body = b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--b--\r\n'
+    return body, {"content-type": "multipart/form-data; boundary=b"}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers", "status", "message"), [
+    ("post", "/predict", b"", {}, 400, "empty request body"),
+    ("post", "/predict", b"GIF89a\x01\x00", {}, 400, "upload: cannot read image"),
+    ("post", "/predict", *_multipart_without_files(), 400, "no files in the multipart form"),
+    ("post", "/predict?category=screw", png_bytes(), {}, 400, "unknown category 'screw'"),
+    ("post", "/predict?overlay=perhaps", png_bytes(), {}, 422, "query.overlay"),
+    ("get", "/predict", None, {}, 405, "method GET not allowed on /predict"),
+    ("get", "/nowhere", None, {}, 404, "no such endpoint: /nowhere"),
+])
+def test_bad_requests_get_a_clear_json_error(serve, method, path, body, headers, status, message):
+    with serve() as client:
+        response = client.request(method, path, content=body, headers=headers)
+        assert client.get("/health").status_code == 200  # and the server goes on
+    assert response.status_code == status
+    assert message in response.json()["error"] and "Traceback" not in response.text
+
+
+def test_oversize_bodies_are_refused_by_length_and_while_reading(serve):
+    data = png_bytes(64, 64)
+    with serve(max_bytes=len(data) - 1) as client:
+        declared = client.post("/predict", content=data)
+        streamed = client.post("/predict", content=iter([data[:1000], data[1000:]]))  # chunked: no Content-Length
+        assert client.post("/predict", content=png_bytes(8, 8)).status_code == 200
+    assert streamed.request.headers.get("content-length") is None
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert f"over the limit of {len(data) - 1} bytes" in response.json()["error"]
+
+
+def test_oversize_pixel_counts_are_refused(serve):
+    with serve(max_pixels=32 * 32) as client:
+        response = client.post("/predict", files=[("files", ("big.png", png_bytes(40, 40), "image/png")),
+                                                  ("files", ("ok.png", png_bytes(32, 32), "image/png"))])
+    big, ok = response.json()["results"]
+    assert response.status_code == 200 and "decision" in ok
+    assert big["error"] == "big.png: cannot read image (too large: 40x40 pixels, limit 1024); downscale the image"
+
+
+def test_too_many_files_in_one_request(serve):
+    with serve(max_files=2) as client:
+        response = client.post("/predict", files=[("files", (f"{i}.png", png_bytes(seed=i), "image/png"))
+                                                  for i in range(3)])
+    assert response.status_code == 400 and "Too many files" in response.json()["error"]
+
+
+def test_health_model_and_openapi(serve, predictor):
+    with serve() as client:
+        health = client.get("/health").json()
+        model = client.get("/model").json()
+        schema = client.get("/openapi.json").json()
+    assert health == {"status": "ok", "queued": 0, "queue_size": 64}
+    assert model["backbone"] == "tiny_random" and model["categories"] == ["plate"]
+    assert (model["image_size"], model["crop_size"]) == (64, 56)
+    assert model["thresholds"]["plate"]["image"] == pytest.approx(predictor.calibration.thresholds["plate"].image)
+    assert model["created"] == predictor.metadata["created"] and model["versions"]["inpformer"]
+    assert model["limits"]["max_batch"] == 8 and "api_key" not in model["limits"]
+    assert {"/predict", "/model", "/health"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_api_key_guards_every_endpoint_but_health(serve, monkeypatch, from_env):
+    settings = {} if from_env else {"api_key": "s3cret"}
+    if from_env:
+        monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    with serve(**settings) as client:
+        for path in ("/model", "/openapi.json"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"X-API-Key": "wrong"}).status_code == 401
+            assert client.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200
+        refused = client.post("/predict", content=png_bytes())
+        assert refused.status_code == 401 and "X-API-Key" in refused.json()["error"]
+        assert client.post("/predict", content=png_bytes(), headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 200
+        assert client.get("/").status_code == 200  # the page asks for the key itself
+
+
+def test_requests_are_served_while_inference_runs_and_batched(serve, predictor):
+    gated = Gated(predictor)
+    with serve(gated, max_batch=4) as client:
+        responses = []
+
+        def post(seed):
+            responses.append(client.post("/predict", content=png_bytes(seed=seed)))
+
+        first = threading.Thread(target=post, args=(0,))
+        first.start()
+        assert gated.entered.wait(30)  # the first image is inside the runtime, held at the gate
+        others = [threading.Thread(target=post, args=(seed,)) for seed in (1, 2, 3)]
+        for thread in others:
+            thread.start()
+        wait_until(lambda: client.get("/health").json()["queued"] == 3)  # answered while inference runs
+        gated.gate.set()
+        for thread in [first, *others]:
+            thread.join(30)
+    assert [r.status_code for r in responses] == [200] * 4
+    assert gated.batches == [1, 3]  # the three waiting requests ran as one batch
+
+
+def test_full_queue_answers_503_with_retry_after(serve, predictor):
+    gated = Gated(predictor)
+    with serve(gated, max_batch=1, queue_size=2) as client:
+        batcher = client.app.state.batcher
+        held = batcher.submit([np.zeros((8, 8, 3), np.uint8)], ["held"], None)
+        assert gated.entered.wait(30)
+        queued = batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, ["q1", "q2"], None)
+        response = client.post("/predict", content=png_bytes())
+        gated.gate.set()
+        assert [f.result(30).source for f in held + queued] == ["held", "q1", "q2"]
+        assert client.post("/predict", content=png_bytes()).status_code == 200
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "retry later" in response.json()["error"]
+
+
+def test_inference_failure_is_a_500_without_details(serve, predictor):
+    gated = Gated(predictor, fail=True)
+    gated.gate.set()
+    with serve(gated) as client:
+        response = client.post("/predict", content=png_bytes())
+        assert client.get("/health").status_code == 200
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error; see the server log"}
+
+
+def test_batcher_finishes_queued_images_on_close(predictor):
+    batcher = Batcher(predictor, max_batch=2, max_wait=0.05, capacity=3)
+    futures = batcher.submit([np.full((16, 16, 3), v, np.uint8) for v in (0, 128, 255)], ["a", "b", "c"], None)
+    with pytest.raises(Busy):
+        batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 4, list("wxyz"), None)
+    batcher.close()
+    assert [f.result(0).source for f in futures] == ["a", "b", "c"]
+    with pytest.raises(Busy, match="shutting down"):
+        batcher.submit([np.zeros((8, 8, 3), np.uint8)], ["late"], None)
+
+
+def test_page_is_served_and_needs_nothing_online(serve):
+    with serve() as client:
+        page = client.get("/")
+        assets = [client.get(f"/static/{name}") for name in ("app.js", "style.css")]
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="static/app.js"' in page.text and all(a.status_code == 200 for a in assets)
+    assert not any("://" in text for text in (page.text, *(a.text for a in assets)))
+
+
+def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "inpformer: error:" in capsys.readouterr().err
