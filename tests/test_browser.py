@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from test_serving import png_bytes, tiny_model
 
-from inpformer.runs import load_predictor
+from inpformer.deploy import load_predictor
 from inpformer.serving import Settings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")

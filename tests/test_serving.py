@@ -13,7 +13,7 @@ from synthetic import make_mvtec
 
 from inpformer import INPFormer, load_mvtec
 from inpformer.cli import main
-from inpformer.runs import load_predictor
+from inpformer.deploy import load_predictor
 from inpformer.serving import API_KEY_ENV, Batcher, Busy, Settings, create_app
 
 _trained: dict[str, str] = {}

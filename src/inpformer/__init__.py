@@ -10,19 +10,12 @@ from .calibration import Calibration, Thresholds
 from .config import PRESETS, Config, make_config
 from .data import Sample, find_categories, load_mvtec, read_image
 from .datasets import detect_dataset, load_dataset, load_folder, load_realiad, load_visa
+from .deploy import export_model, load_predictor, predict_run
 from .detector import INPFormer
 from .errors import InpformerError
 from .inference import Failure, Prediction, Predictor, Region
 from .results import Evaluation, ScoredImages
-from .runs import (
-    DataSource,
-    calibrate_run,
-    export_model,
-    load_predictor,
-    predict_run,
-    test_run,
-    train_run,
-)
+from .runs import DataSource, calibrate_run, test_run, train_run
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,19 +12,10 @@ from .calibration import METHODS
 from .config import PRESETS, make_config
 from .data import MAX_PIXELS
 from .datasets import DATASET_KINDS
+from .deploy import RUNTIMES, export_model, predict_run, resolve_model
 from .distributed import DEVICES
 from .errors import InpformerError
-from .runs import (
-    RUNTIMES,
-    SETTINGS,
-    DataSource,
-    calibrate_run,
-    export_model,
-    predict_run,
-    resolve_model,
-    test_run,
-    train_run,
-)
+from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "iterations", "epochs", "batch_size",
                   "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",

@@ -35,8 +35,10 @@ def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int, metada
     graph.eval()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
-        # timm's input-size asserts hold by construction here (fixed input size), so tracing them is harmless
+        # timm's input-size asserts hold by construction here (fixed input size), so tracing them is harmless;
+        # the legacy exporter is deliberate (the dynamo one needs onnxscript), so its deprecation notice is noise
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             graph, (torch.zeros(1, 3, input_size, input_size),), buffer, dynamo=False, opset_version=opset,
             input_names=["images"], output_names=list(OUTPUTS),

@@ -39,9 +39,9 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .data import read_image
+from .deploy import load_predictor
 from .errors import InpformerError
 from .inference import Prediction, Predictor
-from .runs import load_predictor
 from .visualize import prediction_overlay
 
 log = logging.getLogger("inpformer")
