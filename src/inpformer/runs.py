@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .augment import draw_shots
-from .calibration import METHODS
+from .calibration import METHODS, Thresholds
 from .config import Config
 from .data import Sample, read_image
 from .datasets import DATASET_KINDS, load_dataset, load_folder
@@ -183,6 +183,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
                                  "add a test split (or --data-test-good / --data-test-defect for plain folders)")
         by_repeat: dict[int, list[Evaluation]] = {}
         gallery: list[GalleryItem] = []
+        thresholds: dict[str, str] = {}
         start = time.perf_counter()
         for name, info in models.items():
             detector = INPFormer.load(run_dir / info["file"])
@@ -194,6 +195,8 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
             by_repeat.setdefault(info.get("repeat", 0), []).append(evaluation)
             if report and info.get("repeat", 0) == 0:
                 gallery += [item for scored in evaluation.images for item in _gallery(detector, scored)]
+                if detector.calibration:
+                    thresholds[f"image threshold ({name})"] = _describe(detector.calibration.thresholds[""])
         seconds = time.perf_counter() - start
         evaluation = combine_repeats([merge(evaluations) for evaluations in by_repeat.values()])
         num_images = sum(len(s.samples) for s in evaluation.images)
@@ -203,7 +206,8 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
         write_results(out, evaluation, save_maps)
         if report:
             summary = {"run": str(run_dir), "setting": run.get("setting", ""), "images": str(num_images),
-                       "zero-shot": str(zero_shot)}
+                       "zero-shot": str(zero_shot), **thresholds,
+                       "decision": "defective when the score exceeds the image threshold (normalised score > 0.5)"}
             metrics = {name: values for name, values, _ in evaluation.rows()}
             log.info("report: %s", write_report(out / "report.html", "inpformer test report", gallery, summary,
                                                  metrics))
@@ -257,6 +261,11 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
             results[name] = detector.calibration.thresholds[""]
             log.info("model %s: thresholds saved to %s", name, path)
     return results
+
+
+def _describe(thresholds: Thresholds) -> str:
+    return (f"{thresholds.image:.6f} ({thresholds.method}, {thresholds.num_good} good / {thresholds.num_defective} "
+            f"defective calibration images)")
 
 
 def _gallery(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:
