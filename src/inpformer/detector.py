@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +20,7 @@ from .calibration import Calibration, calibrate
 from .config import Config, config_from_dict, make_config
 from .data import ImageDataset, Preprocess, Sample, read_image
 from .errors import InpformerError
+from .files import write_atomically
 from .inference import Prediction, Predictor, model_metadata
 from .metrics import MetricAccumulator
 from .model import INPFormerNet
@@ -179,8 +178,6 @@ class INPFormer:
     def save(self, path: str | Path) -> Path:
         """Writes one self-describing checkpoint file, atomically (a crash never leaves a half-written file)."""
         net = self._require_net()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
@@ -193,15 +190,7 @@ class INPFormer:
             "versions": _versions(),
             "created": self.created,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> INPFormer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tempfile
 import warnings
@@ -19,6 +18,7 @@ import onnx
 import torch
 
 from .errors import InpformerError
+from .files import write_atomically
 from .runtime import InferenceGraph, RuntimeOutput
 
 METADATA_KEY = "inpformer"
@@ -47,7 +47,7 @@ def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int, metada
     model = onnx.load_from_string(buffer.getvalue())
     _set_metadata(model, metadata)
     onnx.checker.check_model(model)
-    return _save_atomic(model, Path(path))
+    return write_atomically(path, lambda tmp: onnx.save(model, tmp))
 
 
 def read_onnx_metadata(path: str | Path) -> dict:
@@ -113,21 +113,10 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path) -> Path:
         model = onnx.load(quantized)
     _set_metadata(model, {**metadata, "precision": "int8"})
     onnx.checker.check_model(model)
-    return _save_atomic(model, int8_path)
+    return write_atomically(int8_path, lambda tmp: onnx.save(model, tmp))
 
 
 def _set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
     props = {p.key: p.value for p in model.metadata_props}
     props.update({METADATA_KEY: json.dumps(metadata), f"{METADATA_KEY}_format_version": str(FORMAT_VERSION)})
     onnx.helper.set_model_props(model, props)
-
-
-def _save_atomic(model: onnx.ModelProto, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
