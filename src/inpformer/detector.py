@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import logging
 from collections.abc import Sequence
@@ -251,6 +252,7 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
+@functools.cache  # package metadata lookups cost milliseconds, and every predict() call records the versions
 def _versions() -> dict[str, str]:
     names = ("inpformer", "torch", "timm", "numpy")
     versions = {}
