@@ -158,6 +158,8 @@ def test_predict_cli_writes_outputs_and_survives_bad_files(run, images, tmp_path
     report = (out / "report.html").read_text()
     assert report.count("data:image/jpeg;base64") == 7 and "http" not in report.replace("http-equiv", "")
     assert main(["predict", str(run), str(folder / "good.png"), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "none"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -98,6 +98,8 @@ def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Pat
     """Predicts every image in `inputs` (files and folders) and writes into `out`: predictions.csv / .json,
     overlays/<name>.png, masks/<name>_mask.png (original resolution) and report.html. A file that cannot be read
     is reported and skipped; returns (the predictions' JSON rows, the failures)."""
+    if batch_size < 1:
+        raise InpformerError(f"--batch-size must be at least 1, got {batch_size}")
     out = Path(out)
     for folder in ("overlays", "masks"):
         (out / folder).mkdir(parents=True, exist_ok=True)
