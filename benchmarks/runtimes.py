@@ -44,7 +44,9 @@ def main() -> None:
     dataset = ImageDataset(samples, detector.preprocess, with_masks=True)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item["image"] for item in items]).numpy()
-    masks = F.interpolate(torch.stack([item["mask"] for item in items])[:, None].float(), size=256, mode="nearest")
+    valid = torch.stack([item["valid"] for item in items]).numpy()
+    masks = F.interpolate(torch.stack([item["mask"] for item in items])[:, None].float(),
+                          size=detector.scorer.map_shape, mode="nearest")
     masks = masks[:, 0].to(torch.uint8).numpy()
     labels = np.array([s.label for s in samples])
     threshold = detector.calibration.for_category(samples[0].category).image
@@ -58,9 +60,10 @@ def main() -> None:
             runtimes[name] = OnnxRuntime(path)
         reference = None
         for name, runtime in runtimes.items():
-            runtime(images[: args.batch_size])  # warm-up
+            runtime(images[: args.batch_size], valid[: args.batch_size])  # warm-up
             start = time.perf_counter()
-            outputs = [runtime(images[i : i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
+            outputs = [runtime(images[i : i + args.batch_size], valid[i : i + args.batch_size])
+                       for i in range(0, len(images), args.batch_size)]
             seconds = time.perf_counter() - start
             maps = np.concatenate([o.maps for o in outputs])
             scores = np.concatenate([o.scores for o in outputs])

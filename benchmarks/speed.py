@@ -39,8 +39,9 @@ from inpformer.config import Config, make_config
 from inpformer.data import ImageDataset, load_mvtec, read_image
 from inpformer.errors import InpformerError
 from inpformer.export import OnnxRuntime, export_onnx, quantize_int8
+from inpformer.geometry import Size, format_size
 from inpformer.model import INPFormerNet
-from inpformer.runtime import InferenceGraph, RuntimeOutput, TorchRuntime
+from inpformer.runtime import InferenceGraph, RuntimeOutput, TorchRuntime, full_boxes
 from inpformer.training import train
 
 TARGETS = """targets (cpu preset, 2-core AVX2 CPU):
@@ -58,12 +59,12 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
-def count_flops(graph: InferenceGraph, input_size: int, device: torch.device) -> tuple[int, int]:
+def count_flops(graph: InferenceGraph, input_size: Size, device: torch.device) -> tuple[int, int]:
     """(FLOPs of the whole graph, FLOPs of its encoder) for one image, counted on the executed operators."""
-    images = torch.randn(1, 3, input_size, input_size, device=device)
+    images = torch.randn(1, 3, *input_size, device=device)
     # not under inference_mode: FlopCounterMode's module tracker needs autograd to attribute FLOPs to modules
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-        graph(images)
+        graph(images, torch.from_numpy(full_boxes(images)).to(device))
     counts = counter.get_flop_counts()
     return counter.get_total_flops(), sum(counts.get("InferenceGraph.net.encoder", {}).values())
 
@@ -101,15 +102,16 @@ class _DeviceRuntime:
 
     def __call__(self, images: np.ndarray) -> RuntimeOutput:
         with torch.inference_mode():
-            maps, scores, _, embeddings = self.graph(torch.from_numpy(images).to(self.device))
+            maps, scores, _, embeddings = self.graph(torch.from_numpy(images).to(self.device),
+                                                     torch.from_numpy(full_boxes(images)).to(self.device))
         return RuntimeOutput(maps.cpu().numpy(), scores.cpu().numpy(), embeddings.cpu().numpy())
 
 
 class _RandomImages(Dataset):
     """Preprocessed random images, in the item format of ImageDataset."""
 
-    def __init__(self, count: int, size: int):
-        self.images = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    def __init__(self, count: int, size: Size):
+        self.images = torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -144,7 +146,7 @@ def benchmark_inference(runtimes: dict[str, Callable], config: Config, flops: fl
     speeds = {}
     for name, runtime in runtimes.items():
         for batch in batches:
-            images = rng.standard_normal((batch, 3, config.crop_size, config.crop_size), dtype=np.float32)
+            images = rng.standard_normal((batch, 3, *config.geometry().crop_size), dtype=np.float32)
             times = _times(partial(runtime, images), repeats[batch], device)
             speeds[name, batch] = batch / min(times)
             line = _throughput_line(name, batch, times, flops, gemm)
@@ -174,9 +176,9 @@ def training_seconds_per_step(net: INPFormerNet, dataset: Dataset, config: Confi
     decode = net.decode
     tick = torch.compiler.disable(lambda: starts.append(time.perf_counter()))
 
-    def timed_decode(encoded: torch.Tensor):
+    def timed_decode(*args):
         tick()
-        return decode(encoded)
+        return decode(*args)
 
     net.decode = timed_decode
     try:
@@ -191,8 +193,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--backbone", help="override the preset's backbone")
-    parser.add_argument("--image-size", type=int, help="override the preset's resize")
-    parser.add_argument("--crop-size", type=int, help="override the preset's crop (the model's input size)")
+    parser.add_argument("--image-size", help="override the preset's resize (R or HxW)")
+    parser.add_argument("--crop-size", help="override the preset's crop (the model's input size)")
+    parser.add_argument("--train-tokens", type=int, help="override the preset's decoder tokens per training image")
     parser.add_argument("--batch-size", type=int, help="training batch (default: the preset's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, help="PyTorch and ONNX Runtime threads (default: theirs)")
@@ -204,13 +207,13 @@ def main() -> None:
     args = parser.parse_args()
 
     config = make_config(args.preset, backbone=args.backbone, image_size=args.image_size, crop_size=args.crop_size,
-                         batch_size=args.batch_size, device=args.device)
+                         batch_size=args.batch_size, device=args.device, train_tokens=args.train_tokens)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     runtimes = (args.runtimes or ("torch,onnx,int8" if device.type == "cpu" else "torch")).split(",")
     repeats = {1: 3 if args.quick else 20, 8: 2 if args.quick else 10}
-    size = config.crop_size
+    size = config.geometry().crop_size
 
     net, source = build_net(config)
     graph = InferenceGraph(net, INPFormer.from_config(config).scorer).to(device).eval()
@@ -220,8 +223,8 @@ def main() -> None:
     print(f"machine: {hardware}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads, device {device}")
     blocks = len(net.encoder.vit.blocks)
-    print(f"model: preset {args.preset}, {config.backbone} (weights: {source}), input {size}x{size}, encoder runs "
-          f"blocks 0..{blocks - 1} (features of blocks {', '.join(map(str, net.encoder.layers))})")
+    print(f"model: preset {args.preset}, {config.backbone} (weights: {source}), input {format_size(size)}, "
+          f"encoder runs blocks 0..{blocks - 1} (features of blocks {', '.join(map(str, net.encoder.layers))})")
     print(f"FLOPs per image (counted): {flops / 2e9:.3f} GMAC = {flops / 1e9:.2f} GFLOP; encoder "
           f"{encoder_flops / 2e9:.3f} GMAC, extractor + decoder + scoring {(flops - encoder_flops) / 2e9:.3f} GMAC")
     print(f"fp32 GEMM throughput (best of {3 if args.quick else 10}): {gemm / 1e9:.1f} GFLOP/s "

@@ -93,8 +93,9 @@ def test_python_api_round_trip_is_exact(dataset, tmp_path):
     before, after = model.score(test), loaded.score(test)
     np.testing.assert_array_equal(before.maps, after.maps)
     np.testing.assert_array_equal(before.scores, after.scores)
-    prediction = loaded.predict(test[0].path)
-    assert prediction.score == pytest.approx(before.scores[0], rel=1e-5)
+    prediction = loaded.predict(test[0].path)  # deployed: the whole 64 px image, at 70 px (multiple of 14)
+    assert prediction.score == pytest.approx(loaded.score(test, deployment=True).scores[0], rel=1e-5)
+    assert (prediction.anomaly_map > 0).all()  # no margin left uninspected, although training crops 56 of 64
     assert loaded.calibration == model.calibration
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["backbone"]["name"] == "tiny_random" and "torch" in checkpoint["versions"]

@@ -30,7 +30,7 @@ def test_cpu_preset_and_overrides():
     [
         ("gpu", {}, "unknown preset"),
         ("cpu", {"crop_size": 230, "image_size": 256}, "multiple of the patch size"),
-        ("cpu", {"crop_size": 252, "image_size": 224}, "larger than --image-size"),
+        ("cpu", {"crop_size": 252, "image_size": 224}, "does not fit in --image-size"),
         ("cpu", {"batch_size": 0}, "--batch-size"),
         ("cpu", {"learning_rate": 1.0}, "unknown setting"),
     ],

@@ -265,7 +265,7 @@ def test_preprocess_mask_geometry_matches_image():
 
 
 def test_preprocess_rejects_bad_sizes():
-    with pytest.raises(InpformerError, match="crop_size"):
+    with pytest.raises(InpformerError, match="--crop-size 64 does not fit"):
         Preprocess(image_size=32, crop_size=64)
 
 
@@ -285,7 +285,8 @@ def test_image_dataset_items(tmp_path):
     assert batch["image"].shape == (2, 3, 48, 48) and batch["label"].tolist() == [0, 1]
 
     plain = ImageDataset(load_mvtec(root, "train"), Preprocess(64, 48))
-    assert set(plain[1]) == {"image", "label", "index"}
+    assert set(plain[1]) == {"image", "valid", "label", "index"}
+    assert plain[1]["valid"].tolist() == [0, 0, 1, 1]  # stretched: the whole input is the image
 
 
 def test_image_dataset_mask_size_mismatch(tmp_path):

@@ -43,7 +43,8 @@ def test_onnx_matches_torch(parts, exported, batch):
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
     np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=1e-5)
 
-    decisions = runtime.session.run(["decision"], {"images": images})[0]
+    valid = np.tile(np.array([0, 0, 1, 1], np.float32), (batch, 1))
+    decisions = runtime.session.run(["decision"], {"images": images, "valid": valid})[0]
     expected_decisions = (expected.scores > graph.image_threshold.item())
     assert decisions.dtype == bool
     np.testing.assert_array_equal(decisions, expected_decisions)
@@ -54,10 +55,10 @@ def test_onnx_matches_torch(parts, exported, batch):
 def test_metadata_round_trip(exported):
     path = exported[1]
     runtime = OnnxRuntime(path, threads=1)
-    assert runtime.name == "onnx" and runtime.path == path and runtime.input_size == SIZE
+    assert runtime.name == "onnx" and runtime.path == path and runtime.input_size == (SIZE, SIZE)
     assert runtime.metadata == METADATA == read_onnx_metadata(path)
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
-    assert props["inpformer_format_version"] == "1"
+    assert props["inpformer_format_version"] == "2"
     assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # the atomic write left no temporary file
 
 

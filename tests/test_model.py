@@ -199,3 +199,54 @@ def test_training_is_reproducible_and_cache_does_not_change_it():
     assert runs[0] == runs[1]
     np.testing.assert_allclose(runs[0], runs[2], rtol=1e-5)
     assert runs[0][-1] < runs[0][1]
+
+
+def test_token_subset_decodes_exactly_those_tokens_of_the_full_pass():
+    """Decoder tokens depend only on themselves and the INPs, which still see every token."""
+    net = make_net().eval()
+    encoded = net.encode(torch.randn(2, 3, 56, 56))
+    full = net.decode(encoded)
+    subset = torch.tensor([[0, 5, 9], [15, 2, 3]])
+    part = net.decode(encoded, subset)
+    assert part.decoder_groups.shape == (2, 2, 3, DIM) and part.tokens.shape == full.tokens.shape
+    for image in range(2):
+        torch.testing.assert_close(part.decoder_groups[image], full.decoder_groups[image][:, subset[image]])
+        torch.testing.assert_close(part.encoder_groups[image], full.encoder_groups[image][:, subset[image]])
+    torch.testing.assert_close(part.inps, full.inps)
+
+
+def test_training_on_token_subsets_is_reproducible_and_learns():
+    config = make_config("cpu", iterations=8, batch_size=4, warmup_iterations=2, device="cpu", train_tokens=2)
+    first = train(make_net(seed=3), TinyDataset(), config, progress=False).losses
+    again = train(make_net(seed=3), TinyDataset(), config, progress=False).losses
+    everything = train(make_net(seed=3), TinyDataset(), make_config("cpu", iterations=8, batch_size=4,
+                                                                   warmup_iterations=2, device="cpu"),
+                       progress=False).losses
+    assert first == again and first != everything
+    assert first[-1] < first[0]
+
+
+def test_on_step_and_precomputed_features():
+    config = make_config("cpu", iterations=4, batch_size=2, warmup_iterations=1, device="cpu")
+    seen = []
+    net = make_net(seed=3)
+    features = torch.cat([net.encode(TinyDataset()[i]["image"][None]) for i in range(6)])
+    with_features = train(net, TinyDataset(), config, progress=False, features=features,
+                          on_step=lambda step, model: seen.append((step, model is net))).losses
+    assert seen == [(1, True), (2, True), (3, True), (4, True)]
+    np.testing.assert_allclose(with_features, train(make_net(seed=3), TinyDataset(), config, progress=False).losses,
+                               rtol=1e-6)
+
+
+def test_scorer_on_a_non_square_input_and_valid_boxes():
+    scorer = AnomalyScorer(input_size=(56, 28))  # 4 x 2 tokens
+    assert scorer.map_shape == (512, 256)
+    distance = torch.zeros(1, 2, 8)
+    distance[0, :, 6] = 1.0  # token (row 3, column 0)
+    token_maps = scorer.to_grid(distance)
+    assert token_maps.shape == (1, 2, 4, 2) and token_maps[0, 0, 3, 0] == 1
+    maps = scorer.maps(token_maps)
+    assert maps.shape == (1, 512, 256) and maps[0, 450, 20] > maps[0, 50, 200]
+    hidden = scorer.maps(token_maps, valid=torch.tensor([[0.0, 0.0, 0.5, 1.0]]))  # top half only
+    assert hidden[0, 256:].abs().max() == 0 and torch.equal(hidden[0, :256], maps[0, :256])
+    assert scorer.scores(hidden) < scorer.scores(maps)

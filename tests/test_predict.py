@@ -12,7 +12,8 @@ from synthetic import add_defect, make_mvtec, textured_image
 from inpformer import INPFormer
 from inpformer.calibration import Calibration, Thresholds, calibrate
 from inpformer.cli import main
-from inpformer.inference import defect_regions, to_original_resolution
+from inpformer.geometry import Geometry
+from inpformer.inference import defect_regions
 
 TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",
         "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
@@ -104,7 +105,7 @@ def test_calibration_round_trip_and_category_inference():
 def test_maps_return_to_the_original_geometry():
     crop_map = np.zeros((8, 8), np.float32)
     crop_map[:, :4] = 1  # left half of the crop
-    full = to_original_resolution(crop_map, (100, 200), image_size=64, crop_size=48)
+    full = Geometry((64, 64), (48, 48)).to_original(crop_map, (100, 200))
     assert full.shape == (100, 200)
     border_x, border_y = round(8 * 200 / 64), round(8 * 100 / 64)
     assert full[:, :border_x].max() == 0 and full[:border_y].max() == 0  # outside the crop: not inspected

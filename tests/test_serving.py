@@ -191,7 +191,7 @@ def test_health_model_and_openapi(serve, predictor):
         schema = client.get("/openapi.json").json()
     assert health == {"status": "ok", "queued": 0, "queue_size": 64}
     assert model["backbone"] == "tiny_random" and model["categories"] == ["plate"]
-    assert (model["image_size"], model["crop_size"]) == (64, 56)
+    assert (model["image_size"], model["crop_size"]) == (70, 70)  # deployed: the whole image, never a crop
     assert model["thresholds"]["plate"]["image"] == pytest.approx(predictor.calibration.thresholds["plate"].image)
     assert model["created"] == predictor.metadata["created"] and model["versions"]["inpformer"]
     assert model["limits"]["max_batch"] == 8 and "api_key" not in model["limits"]

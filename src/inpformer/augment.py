@@ -66,6 +66,8 @@ class ExpandedDataset(Dataset):
         sample_index, expansion_index = divmod(index, len(self.expansions))
         view = self.preprocess.view(read_image(self.samples[sample_index].path))
         expanded = self.expansions[expansion_index](torch.from_numpy(view.copy()).permute(2, 0, 1))
+        if expanded.shape[1:] != view.shape[:2]:  # a quarter turn of a non-square view: back to its shape
+            expanded = TF.resize(expanded, list(view.shape[:2]), antialias=True)
         image = self.preprocess.normalize(expanded.permute(1, 2, 0).numpy())
         return {"image": image, "label": 0, "index": index}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -19,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from inpformer.errors import InpformerError
+from inpformer.geometry import Size, format_size, parse_size
 
 log = logging.getLogger("inpformer")
 
@@ -54,27 +56,51 @@ _TINY_SOURCE = "random initialisation (tiny_random, for tests only)"
 class Encoder(nn.Module):
     """A frozen ViT truncated after its last used block; returns the patch tokens of the selected blocks."""
 
-    def __init__(self, vit: VisionTransformer, layers: Sequence[int], img_size: int):
+    def __init__(self, vit: VisionTransformer, layers: Sequence[int], img_size: int | Size):
         super().__init__()
         patch = vit.patch_embed.patch_size[0]
-        if img_size <= 0 or img_size % patch:
+        img_size = parse_size(img_size, "--crop-size")
+        if any(side % patch for side in img_size):
+            fixed = "x".join(str(max(1, round(side / patch)) * patch) for side in img_size)
             raise InpformerError(
-                f"--crop-size {img_size}: the ViT needs a multiple of {patch} pixels; "
-                f"use e.g. --crop-size {max(1, round(img_size / patch)) * patch}"
+                f"--crop-size {format_size(img_size)}: the ViT needs multiples of {patch} pixels; "
+                f"use e.g. --crop-size {fixed}"
             )
-        old_grid = vit.patch_embed.grid_size
-        vit.patch_embed.set_input_size(img_size=img_size)
-        # resample once, without antialiasing like DINOv2 itself (timm's set_input_size would antialias)
-        vit.pos_embed = nn.Parameter(resample_abs_pos_embed(
-            vit.pos_embed.detach(), new_size=list(vit.patch_embed.grid_size), old_size=list(old_grid),
-            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens, antialias=False,
-        ))
+        # the pretrained position embedding, from which every input size is resampled (never one from another)
+        self.source_pos_embed, self.source_grid = vit.pos_embed.detach(), tuple(vit.patch_embed.grid_size)
         vit.blocks = vit.blocks[: max(layers) + 1]
         vit.norm, vit.fc_norm, vit.head = nn.Identity(), nn.Identity(), nn.Identity()
         self.vit = vit.requires_grad_(False)
-        self.layers, self.img_size, self.patch_size = tuple(layers), img_size, patch
+        self.layers, self.patch_size = tuple(layers), patch
         self.embed_dim, self.num_heads = vit.embed_dim, vit.blocks[0].attn.num_heads
+        self._set_input_size(img_size)
         self.eval()
+
+    def _set_input_size(self, img_size: Size) -> None:
+        self.vit.patch_embed.set_input_size(img_size=img_size)
+        # resampled once, without antialiasing like DINOv2 itself (timm's set_input_size would antialias)
+        self.vit.pos_embed = nn.Parameter(resample_abs_pos_embed(
+            self.source_pos_embed, new_size=list(self.vit.patch_embed.grid_size), old_size=list(self.source_grid),
+            num_prefix_tokens=0 if self.vit.no_embed_class else self.vit.num_prefix_tokens, antialias=False,
+        ), requires_grad=False)
+        self.img_size = img_size
+
+    def resized(self, img_size: int | Size) -> Encoder:
+        """The same encoder for another input size: shares the transformer blocks (no copy of their weights),
+        with its own patch-embedding size and position embedding resampled from the pretrained one."""
+        img_size = parse_size(img_size, "--image-size")
+        if any(side % self.patch_size for side in img_size):
+            raise InpformerError(f"input size {format_size(img_size)}: the ViT needs multiples of {self.patch_size} "
+                                 "pixels")
+        if img_size == self.img_size:
+            return self
+        vit = copy.copy(self.vit)  # a shallow copy: the same blocks...
+        vit._modules, vit._parameters = dict(self.vit._modules), dict(self.vit._parameters)
+        vit.patch_embed = copy.deepcopy(self.vit.patch_embed)  # ...and its own small size-dependent parts
+        encoder = copy.copy(self)
+        encoder._modules = {**self._modules, "vit": vit}
+        encoder._set_input_size(img_size)
+        return encoder
 
     def train(self, mode: bool = True) -> Encoder:
         return super().train(False)  # frozen: always in eval mode
@@ -90,7 +116,7 @@ class Encoder(nn.Module):
         return [outputs[i] for i in self.layers]
 
 
-def load_encoder(name: str, img_size: int, weights: str | Path | None = None) -> tuple[Encoder, str]:
+def load_encoder(name: str, img_size: int | Size, weights: str | Path | None = None) -> tuple[Encoder, str]:
     """Build the frozen encoder `name` at `img_size`; returns it with a description of the weight source."""
     if name not in BACKBONES:
         raise InpformerError(f"--backbone {name}: unknown backbone; choose one of {', '.join(BACKBONES)}")

@@ -15,9 +15,11 @@ from .datasets import DATASET_KINDS
 from .deploy import RUNTIMES, export_model, predict_run, resolve_model
 from .distributed import DEVICES
 from .errors import InpformerError
+from .geometry import RESIZE_MODES
 from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
 
-CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "iterations", "epochs", "batch_size",
+CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "resize_mode", "train_tokens",
+                  "iterations", "epochs", "batch_size",
                   "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
                   "coherence_weight", "seed", "feature_cache", "val_fraction", "max_false_reject",
                   "feature_cache_storage", "device", "compile")
@@ -39,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     train.add_argument("--backbone", choices=sorted(BACKBONES))
     train.add_argument("--backbone-weights", metavar="PATH", help="local DINOv2 weights (.pth or .safetensors)")
-    train.add_argument("--image-size", type=int, metavar="R", help="resize images to R x R")
-    train.add_argument("--crop-size", type=int, metavar="C", help="centre crop C x C (a multiple of 14)")
+    train.add_argument("--image-size", metavar="R|HxW",
+                       help="resize images to R x R or HEIGHT x WIDTH, e.g. 448x336 (alone: no crop)")
+    train.add_argument("--crop-size", metavar="C|HxW", help="centre crop C x C or HxW (multiples of 14)")
+    train.add_argument("--resize-mode", choices=RESIZE_MODES,
+                       help="stretch (default, the paper) or pad: keep the aspect ratio and pad by reflection "
+                            "(padding never counts in maps, scores or metrics)")
+    train.add_argument("--train-tokens", type=int, metavar="K",
+                       help="decode a random K tokens per image per training step (default: all, the paper); "
+                            "cheaper steps, the INPs still see every token")
     train.add_argument("--iterations", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
     train.add_argument("--epochs", type=int, metavar="E")
     train.add_argument("--batch-size", type=int, metavar="B")

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InpformerError
+from .geometry import Geometry, Size, format_size, parse_size
+
+PATCH = 14  # the DINOv2 patch size
 
 
 @dataclass
@@ -15,8 +18,9 @@ class Config:
 
     backbone: str = "dinov2_vits14"
     backbone_weights: str | None = None
-    image_size: int = 224  # resize to image_size x image_size, then centre-crop
-    crop_size: int = 224
+    image_size: int | Size = 224  # resize to this (an int: square; else (height, width)), then centre-crop
+    crop_size: int | Size = 224
+    resize_mode: str = "stretch"  # "stretch" (the paper) or "pad": keep the aspect ratio, pad by reflection
     num_inps: int = 6
     decoder_depth: int = 8
     coherence_weight: float = 0.2
@@ -30,6 +34,7 @@ class Config:
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
     seed: int = 1
+    train_tokens: int | None = None  # decoder tokens per image per training step (a random subset); None: all
     feature_cache: bool = True  # compute the frozen encoder once and train from its output
     map_size: int = 256
     blur_kernel: int = 5
@@ -40,6 +45,22 @@ class Config:
     feature_cache_storage: str = "auto"  # "memory", "disk" (memory-mapped file) or "auto": memory when it fits
     device: str = "auto"  # training device: "auto" (CUDA when available), "cpu" or "cuda"
     compile: bool = True  # torch.compile the decoder when training on CUDA (never on the CPU)
+
+    def __post_init__(self):
+        # canonical form: an int for a square size (as older versions stored it), else (height, width)
+        for name in ("image_size", "crop_size"):
+            size = parse_size(getattr(self, name), "--" + name.replace("_", "-"))
+            setattr(self, name, size[0] if size[0] == size[1] else size)
+
+    def geometry(self) -> Geometry:
+        """Training and evaluation (the paper's protocol): resize, then centre-crop."""
+        return Geometry(parse_size(self.image_size), parse_size(self.crop_size), self.resize_mode)
+
+    def deployment_geometry(self) -> Geometry:
+        """Calibration, predict, serve and export: the whole resized image, never a crop, so that no margin goes
+        uninspected; sides rounded to multiples of the patch size (14)."""
+        size = tuple(max(PATCH, round(side / PATCH) * PATCH) for side in parse_size(self.image_size))
+        return Geometry(size, size, self.resize_mode)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +97,8 @@ def make_config(preset: str = "cpu", **overrides: Any) -> Config:
     if unknown:
         raise InpformerError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(fields))}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("image_size") is not None and overrides.get("crop_size") is None:
+        values["crop_size"] = values["image_size"]  # a new input size alone means: no crop
     if "iterations" in overrides and overrides["iterations"] is not None:
         values["epochs"] = None
     if "epochs" in overrides and overrides["epochs"] is not None:
@@ -92,17 +115,17 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def _validate(config: Config) -> None:
-    if config.crop_size > config.image_size:
-        raise InpformerError(
-            f"--crop-size {config.crop_size} is larger than --image-size {config.image_size}; use a crop <= resize"
-        )
-    if config.crop_size % 14:
-        raise InpformerError(f"--crop-size {config.crop_size} is not a multiple of the patch size 14 (e.g. 224, 392)")
+    geometry = config.geometry()  # checks the resize mode and that the crop fits
+    if any(side % PATCH for side in geometry.crop_size):
+        raise InpformerError(f"--crop-size {format_size(geometry.crop_size)} is not a multiple of the patch size 14 "
+                             "(e.g. 224, 392 or 448x336)")
     if config.iterations is None and config.epochs is None:
         raise InpformerError("set either --iterations or --epochs")
     if not 0 <= config.val_fraction < 1:
         raise InpformerError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
     if not 0 < config.max_false_reject < 1:
         raise InpformerError(f"--max-false-reject must be in (0, 1), got {config.max_false_reject}")
+    if config.train_tokens is not None and config.train_tokens < 1:
+        raise InpformerError(f"--train-tokens must be at least 1 (or omitted for all), got {config.train_tokens}")
     if config.batch_size < 1:
         raise InpformerError(f"--batch-size must be at least 1, got {config.batch_size}")

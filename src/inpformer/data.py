@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 from inpformer.errors import InpformerError
+from inpformer.geometry import Geometry, Size, parse_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -257,55 +258,51 @@ def select_categories(root: str | Path, available: Sequence[str], categories: Se
 
 
 class Preprocess:
-    """Resize to ``image_size`` (bilinear), centre crop ``crop_size``, scale to [0, 1] and normalise.
+    """The `Geometry` (resize, pad, centre crop), then scaling to [0, 1] and normalising.
 
-    Matches torchvision ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` on PIL images; masks
-    follow the same geometry with nearest-neighbour resizing.
+    In "stretch" mode this matches torchvision ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` on PIL
+    images; masks follow the same geometry with nearest-neighbour resizing.
     """
 
     def __init__(
         self,
-        image_size: int,
-        crop_size: int,
+        image_size: int | Size,
+        crop_size: int | Size,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        resize_mode: str = "stretch",
     ):
-        if not 0 < crop_size <= image_size:
-            raise InpformerError(
-                f"crop_size={crop_size}, image_size={image_size}: invalid sizes; "
-                "use positive sizes with crop_size <= image_size"
-            )
-        self.image_size = image_size
-        self.crop_size = crop_size
+        self.geometry = Geometry(parse_size(image_size), parse_size(crop_size), resize_mode)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    def _geometry(self, image: Image.Image, resample: Image.Resampling) -> np.ndarray:
-        size, crop = self.image_size, self.crop_size
-        image = image.resize((size, size), resample)
-        top = left = round((size - crop) / 2.0)  # torchvision's centre_crop rounding
-        return np.asarray(image.crop((left, top, left + crop, top + crop)))
+    @property
+    def crop_size(self) -> Size:
+        return self.geometry.crop_size
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB (or (H, W) gray) -> (3, crop, crop) float32 normalised tensor."""
-        image = np.asarray(image, dtype=np.uint8)
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
+        """(H, W, 3) uint8 RGB (or (H, W) gray) -> (3, crop_h, crop_w) float32 normalised tensor."""
         return self.normalize(self.view(image))
 
     def normalize(self, view: np.ndarray) -> torch.Tensor:
-        """(crop, crop, 3) uint8 -> (3, crop, crop) float32, scaled to [0, 1] and normalised."""
+        """(crop_h, crop_w, 3) uint8 -> (3, crop_h, crop_w) float32, scaled to [0, 1] and normalised."""
         tensor = torch.from_numpy(np.array(view)).permute(2, 0, 1).float().div_(255.0)
         return (tensor - self.mean) / self.std
 
     def view(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (crop, crop, 3) uint8: the pixels the model sees, for overlays."""
-        return self._geometry(Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB"), Image.Resampling.BILINEAR)
+        """(H, W, 3) uint8 (or (H, W) gray) -> (crop_h, crop_w, 3) uint8: the pixels the model sees."""
+        image = np.asarray(image, dtype=np.uint8)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        return self.geometry.view(image)
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """(H, W) bool -> (crop, crop) bool, aligned with ``__call__``'s output."""
-        image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, "L")
-        return self._geometry(image, Image.Resampling.NEAREST) > 127
+        """(H, W) bool -> (crop_h, crop_w) bool, aligned with ``__call__``'s output."""
+        return self.geometry.mask(mask)
+
+    def valid_box(self, shape: Sequence[int]) -> torch.Tensor:
+        """The image's own pixels in the crop (y0, x0, y1, x1, fractions): float32 [4]."""
+        return torch.tensor(self.geometry.valid_box(shape), dtype=torch.float32)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -322,15 +319,15 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         image = read_image(sample.path)
-        item = {"image": self.preprocess(image), "label": int(sample.label), "index": int(index)}
+        item = {"image": self.preprocess(image), "valid": self.preprocess.valid_box(image.shape),
+                "label": int(sample.label), "index": int(index)}
         if self.with_masks:
             item["mask"] = torch.from_numpy(self._mask(sample, image.shape[:2]).astype(np.uint8))
         return item
 
     def _mask(self, sample: Sample, shape: tuple[int, int]) -> np.ndarray:
         if sample.mask_path is None:
-            crop = self.preprocess.crop_size
-            return np.zeros((crop, crop), dtype=bool)
+            return np.zeros(self.preprocess.crop_size, dtype=bool)
         mask = read_mask(sample.mask_path, nonzero=sample.mask_nonzero)
         if mask.shape != shape:
             raise InpformerError(

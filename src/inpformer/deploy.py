@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from .data import MAX_PIXELS
 from .detector import INPFormer
 from .errors import InpformerError
 from .export import OnnxRuntime, export_onnx, quantize_int8
-from .inference import Failure, Predictor, find_images
+from .inference import Failure, Prediction, Predictor, find_images
 from .report import GalleryItem, image_uri, write_report
 from .runs import log_to_file, read_run, select_models
 
@@ -81,11 +82,10 @@ def export_model(checkpoint: str | Path, onnx_path: str | Path, int8: bool = Fal
         raise InpformerError(f"{checkpoint}: no calibrated thresholds (trained by an older version); run "
                              "`inpformer calibrate RUN_DIR` first")
     onnx_path = Path(onnx_path)
-    metadata = detector.metadata()
+    metadata, size = detector.metadata(), detector.config.deployment_geometry().crop_size
     if not int8:
-        return export_onnx(detector.inference_graph(), onnx_path, detector.config.crop_size, metadata)
-    fp32 = export_onnx(detector.inference_graph(), onnx_path.with_suffix(".fp32.tmp.onnx"), detector.config.crop_size,
-                       metadata)
+        return export_onnx(detector.inference_graph(), onnx_path, size, metadata)
+    fp32 = export_onnx(detector.inference_graph(), onnx_path.with_suffix(".fp32.tmp.onnx"), size, metadata)
     try:
         return quantize_int8(fp32, onnx_path)
     finally:
@@ -110,21 +110,20 @@ def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Pat
         if not paths:
             raise InpformerError(f"no images found in {', '.join(map(str, inputs))}; give image files or folders")
         names = _output_names(paths)
-        rows, failures, gallery = [], [], []
+        rows, failures, written = [], [], []
         start = time.perf_counter()
         results = predictor.predict_paths(paths, batch_size, category)
-        for result in tqdm(results, total=len(paths), desc="predicting", unit="image", disable=not progress):
-            if isinstance(result, Failure):
-                log.error("%s", result.message)
-                failures.append(result)
-                continue
-            name = names[result.source]
-            overlay = result.overlay()
-            Image.fromarray(overlay).save(out / "overlays" / f"{name}.png")
-            Image.fromarray(result.mask.astype(np.uint8) * 255).save(out / "masks" / f"{name}_mask.png")
-            rows.append(result.to_json() | {"overlay": f"overlays/{name}.png", "mask": f"masks/{name}_mask.png"})
-            gallery.append(GalleryItem(result.source, result.category, result.score, result.normalized_score,
-                                       result.decision, image_uri(overlay), link=f"overlays/{name}.png"))
+        # the files are drawn and encoded in a second thread (PIL and numpy release the GIL), while the model runs
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            for result in tqdm(results, total=len(paths), desc="predicting", unit="image", disable=not progress):
+                if isinstance(result, Failure):
+                    log.error("%s", result.message)
+                    failures.append(result)
+                    continue
+                name = names[result.source]
+                rows.append(result.to_json() | {"overlay": f"overlays/{name}.png", "mask": f"masks/{name}_mask.png"})
+                written.append(writer.submit(_write_outputs, result, out, name))
+            gallery = [future.result() for future in written]
         seconds = time.perf_counter() - start
         defective = sum(r["decision"] == "defective" for r in rows)
         log.info("predicted %d images (%d defective, %d failed) in %.1f s (%.1f images/s, runtime %s)", len(rows),
@@ -139,6 +138,16 @@ def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Pat
                       for c, t in thresholds.items()}}
         write_report(out / "report.html", "inpformer predictions", gallery, summary)
     return rows, failures
+
+
+def _write_outputs(result: Prediction, out: Path, name: str) -> GalleryItem:
+    """The overlay and mask PNGs of one prediction (fast zlib level: these files are written per image), and its
+    report item."""
+    overlay = result.overlay()
+    Image.fromarray(overlay).save(out / "overlays" / f"{name}.png", compress_level=1)
+    Image.fromarray(result.mask.astype(np.uint8) * 255).save(out / "masks" / f"{name}_mask.png", compress_level=1)
+    return GalleryItem(result.source, result.category, result.score, result.normalized_score, result.decision,
+                       image_uri(overlay), link=f"overlays/{name}.png")
 
 
 def _output_names(paths: Sequence[Path]) -> dict[str, str]:

@@ -22,12 +22,13 @@ from .config import Config, config_from_dict, make_config
 from .data import ImageDataset, Preprocess, Sample, read_image
 from .errors import InpformerError
 from .files import write_atomically
+from .geometry import Geometry
 from .inference import Prediction, Predictor, model_metadata
 from .metrics import MetricAccumulator
 from .model import INPFormerNet
 from .results import Evaluation, ScoredImages
 from .runtime import InferenceGraph, TorchRuntime
-from .scoring import AnomalyScorer
+from .scoring import AnomalyScorer, valid_pixels
 from .training import TrainingLog, seed_everything, train
 
 log = logging.getLogger("inpformer")
@@ -61,9 +62,16 @@ class INPFormer:
         self.calibration: Calibration | None = None
         self.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.net: INPFormerNet | None = None
-        self.scorer = AnomalyScorer(self.config.crop_size, self.config.map_size, self.config.blur_kernel,
-                                    self.config.blur_sigma, self.config.top_ratio)
-        self.preprocess = Preprocess(self.config.image_size, self.config.crop_size)
+        # training and `evaluate` use the paper's geometry (resize, centre crop); calibration and every deployed
+        # prediction use the whole image (deployment_geometry), so thresholds fit what is deployed
+        self.preprocess, self.scorer = self._pipeline(self.config.geometry())
+        self.deployment_preprocess, self.deployment_scorer = self._pipeline(self.config.deployment_geometry())
+
+    def _pipeline(self, geometry: Geometry) -> tuple[Preprocess, AnomalyScorer]:
+        config = self.config
+        return (Preprocess(geometry.image_size, geometry.crop_size, resize_mode=geometry.resize_mode),
+                AnomalyScorer(geometry.crop_size, config.map_size, config.blur_kernel, config.blur_sigma,
+                              config.top_ratio))
 
     def _build(self) -> INPFormerNet:
         seed_everything(self.config.seed)
@@ -97,7 +105,7 @@ class INPFormer:
                   progress: bool = False) -> Calibration:
         """Sets the decision thresholds from images the model was not fitted on: good images only
         ("false-reject": reject at most `max_false_reject` of them) or good and defective ones with masks ("f1")."""
-        scored = self.score(samples, with_masks=method == "f1", progress=progress)
+        scored = self.score(samples, with_masks=method == "f1", progress=progress, deployment=True)
         labels = np.array([s.label for s in scored.samples])
         self.calibration = calibrate(
             [s.category for s in scored.samples], labels, scored.scores, scored.maps, scored.embeddings,
@@ -109,24 +117,30 @@ class INPFormer:
 
     def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
               zero_shot: bool = False, progress: bool = False, keep_maps: bool = True,
-              metrics: MetricAccumulator | None = None, pixel_metrics: bool = True) -> ScoredImages:
-        """Image scores, embeddings and (with `keep_maps`) the anomaly maps at map_size in float16, as the metrics
-        use them.
+              metrics: MetricAccumulator | None = None, pixel_metrics: bool = True,
+              deployment: bool = False) -> ScoredImages:
+        """Image scores, embeddings and (with `keep_maps`) the anomaly maps at the map shape in float16, as the
+        metrics use them; in the evaluation geometry, or the deployment one with `deployment`.
         With `metrics`, every batch is also added to that accumulator (maps and masks too with `with_masks` and
         `pixel_metrics`), so metrics need no maps kept."""
-        runtime = TorchRuntime(self.inference_graph(zero_shot))
-        loader = DataLoader(ImageDataset(list(samples), self.preprocess, with_masks=with_masks), batch_size=batch_size)
+        preprocess, scorer = ((self.deployment_preprocess, self.deployment_scorer) if deployment else
+                              (self.preprocess, self.scorer))
+        runtime = TorchRuntime(self.inference_graph(zero_shot, deployment))
+        loader = DataLoader(ImageDataset(list(samples), preprocess, with_masks=with_masks), batch_size=batch_size)
         scores, maps, masks, embeddings = [], [], [], []
         for batch in _maybe_progress(loader, progress):
-            output = runtime(batch["image"].numpy())
+            output = runtime(batch["image"].numpy(), batch["valid"].numpy())
             mask = None
             if with_masks:
-                mask = F.interpolate(batch["mask"][:, None].float(), size=self.config.map_size, mode="nearest")
+                mask = F.interpolate(batch["mask"][:, None].float(), size=scorer.map_shape, mode="nearest")
                 mask = mask[:, 0].to(torch.uint8).numpy()
                 masks.append(mask)
             if metrics is not None:
-                pixels = (mask, output.maps) if with_masks and pixel_metrics else ()
-                metrics.add(batch["label"].numpy(), output.scores, *pixels)
+                pixels = {}
+                if with_masks and pixel_metrics:
+                    pixels = {"masks": mask, "maps": output.maps,
+                              "valid": valid_pixels(batch["valid"], scorer.map_shape).numpy()}
+                metrics.add(batch["label"].numpy(), output.scores, **pixels)
             scores.append(output.scores)
             embeddings.append(output.embeddings)
             if keep_maps:  # float16: half the memory, and exactly the values the metric accumulator uses
@@ -166,15 +180,21 @@ class INPFormer:
         """A `Predictor` running this model with PyTorch."""
         return Predictor(TorchRuntime(self.inference_graph()), self.metadata())
 
-    def inference_graph(self, zero_shot: bool = False) -> InferenceGraph:
-        """The network and scorer as one module (what the PyTorch runtime runs and the ONNX export traces)."""
+    def inference_graph(self, zero_shot: bool = False, deployment: bool = True) -> InferenceGraph:
+        """The network and scorer as one module (what the PyTorch runtime runs and the ONNX export traces), for
+        the deployment geometry (the whole image) or, with `deployment=False`, the evaluation one."""
         threshold = self.calibration.thresholds[""].image if self.calibration else float("inf")
-        return InferenceGraph(self._require_net(), self.scorer, threshold, zero_shot).eval()
+        net, scorer = self._require_net(), self.scorer
+        if deployment:
+            net = net.with_encoder(net.encoder.resized(self.config.deployment_geometry().crop_size))
+            scorer = self.deployment_scorer
+        return InferenceGraph(net, scorer, threshold, zero_shot).eval()
 
     def metadata(self) -> dict:
         """Everything besides the weights a predictor needs, plus provenance (stored in exported files)."""
-        return model_metadata(self.config.to_dict(), self.categories, self.calibration,
-                              backbone_source=self.backbone_source, created=self.created, versions=_versions())
+        return model_metadata(self.config.to_dict(), self.config.deployment_geometry(), self.categories,
+                              self.calibration, backbone_source=self.backbone_source, created=self.created,
+                              versions=_versions())
 
     def save(self, path: str | Path) -> Path:
         """Writes one self-describing checkpoint file, atomically (a crash never leaves a half-written file)."""

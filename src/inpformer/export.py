@@ -19,17 +19,21 @@ import torch
 
 from .errors import InpformerError
 from .files import write_atomically
-from .runtime import InferenceGraph, RuntimeOutput
+from .geometry import Size, parse_size
+from .runtime import InferenceGraph, RuntimeOutput, full_boxes
 
 METADATA_KEY = "inpformer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the valid-box input
+INPUTS = ("images", "valid")
 OUTPUTS = ("anomaly_map", "score", "decision", "embedding")
 _DECODER_MLP_INPUT = re.compile(r"/decoder\.\d+/mlp/fc1/MatMul$")
 _FIX = "re-export with `inpformer export RUN_DIR --onnx FILE`"
 
 
-def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int, metadata: dict, opset: int = 18) -> Path:
-    """Traces `graph` for images [batch, 3, input_size, input_size] (dynamic batch) into a checked ONNX file."""
+def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int | Size, metadata: dict,
+                opset: int = 18) -> Path:
+    """Traces `graph` for images [batch, 3, height, width] and valid boxes [batch, 4] (dynamic batch) into a
+    checked ONNX file."""
     if opset < 17:
         raise InpformerError(f"opset {opset} is too old; use 17 or newer (LayerNormalization needs 17)")
     graph.eval()
@@ -40,9 +44,9 @@ def export_onnx(graph: InferenceGraph, path: str | Path, input_size: int, metada
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            graph, (torch.zeros(1, 3, input_size, input_size),), buffer, dynamo=False, opset_version=opset,
-            input_names=["images"], output_names=list(OUTPUTS),
-            dynamic_axes={name: {0: "batch"} for name in ("images", *OUTPUTS)},
+            graph, (torch.zeros(1, 3, *parse_size(input_size)), torch.tensor([[0.0, 0.0, 1.0, 1.0]])), buffer,
+            dynamo=False, opset_version=opset, input_names=list(INPUTS), output_names=list(OUTPUTS),
+            dynamic_axes={name: {0: "batch"} for name in (*INPUTS, *OUTPUTS)},
         )
     model = onnx.load_from_string(buffer.getvalue())
     _set_metadata(model, metadata)
@@ -69,7 +73,8 @@ def read_onnx_metadata(path: str | Path) -> dict:
 
 
 class OnnxRuntime:
-    """Runs an exported (fp32 or int8) model with ONNX Runtime on the CPU: images [B, 3, S, S] -> RuntimeOutput."""
+    """Runs an exported (fp32 or int8) model with ONNX Runtime on the CPU: images [B, 3, H, W] (and their valid
+    boxes) -> RuntimeOutput."""
 
     name = "onnx"
 
@@ -82,11 +87,13 @@ class OnnxRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.input_size = int(self.session.get_inputs()[0].shape[-1])
+        self.input_size: Size = tuple(self.session.get_inputs()[0].shape[-2:])
 
-    def __call__(self, images: np.ndarray) -> RuntimeOutput:
-        maps, scores, embeddings = self.session.run(
-            ["anomaly_map", "score", "embedding"], {"images": np.ascontiguousarray(images, np.float32)})
+    def __call__(self, images: np.ndarray, valid: np.ndarray | None = None) -> RuntimeOutput:
+        images = np.ascontiguousarray(images, np.float32)
+        valid = full_boxes(images) if valid is None else np.ascontiguousarray(valid, np.float32)
+        maps, scores, embeddings = self.session.run(["anomaly_map", "score", "embedding"],
+                                                    {"images": images, "valid": valid})
         return RuntimeOutput(maps, scores, embeddings)
 
 

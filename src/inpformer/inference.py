@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from .calibration import Calibration
 from .data import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess, is_image_file, read_image
 from .errors import InpformerError
+from .geometry import Geometry, Size
 from .runtime import RuntimeOutput
 from .visualize import prediction_overlay
 
 log = logging.getLogger("inpformer")
-Runtime = Callable[[np.ndarray], RuntimeOutput]
+Runtime = Callable[[np.ndarray, np.ndarray], RuntimeOutput]  # (images, valid boxes) -> outputs
 
 
 @dataclass
@@ -43,8 +43,8 @@ class Region:
 
 @dataclass
 class Prediction:
-    """The verdict on one image. Maps and masks are at the image's original resolution; pixels outside the
-    centre crop the model sees are 0 (not inspected)."""
+    """The verdict on one image. Maps and masks are at the image's original resolution and cover all of it
+    (deployment never crops)."""
 
     source: str
     score: float  # raw image score (mean of the top 1% map values)
@@ -87,11 +87,14 @@ class Failure:
     message: str
 
 
-def model_metadata(config: dict, categories: Sequence[str], calibration: Calibration | None, **extra) -> dict:
-    """What a predictor (and an exported ONNX file) needs besides the network: sizes, normalisation, thresholds."""
+def model_metadata(config: dict, geometry: Geometry, categories: Sequence[str], calibration: Calibration | None,
+                   **extra) -> dict:
+    """What a predictor (and an exported ONNX file) needs besides the network: the deployment geometry,
+    normalisation, thresholds."""
     return {
-        "image_size": config["image_size"],
-        "crop_size": config["crop_size"],
+        "image_size": _size_json(geometry.image_size),
+        "crop_size": _size_json(geometry.crop_size),
+        "resize_mode": geometry.resize_mode,
         "map_size": config["map_size"],
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -114,7 +117,8 @@ class Predictor:
         self.metadata = metadata
         self.calibration = Calibration.from_dict(metadata["calibration"])
         self.categories: list[str] = list(metadata["categories"])
-        self.preprocess = Preprocess(metadata["image_size"], metadata["crop_size"], metadata["mean"], metadata["std"])
+        self.preprocess = Preprocess(metadata["image_size"], metadata["crop_size"], metadata["mean"], metadata["std"],
+                                     metadata.get("resize_mode", "stretch"))
         self.max_pixels = max_pixels
 
     def predict(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
@@ -127,7 +131,8 @@ class Predictor:
             return []
         sources = list(sources) if sources is not None else ["<array>"] * len(images)
         batch = np.stack([self.preprocess(image).numpy() for image in images])
-        output = self.runtime(batch)
+        valid = np.stack([self.preprocess.valid_box(image.shape).numpy() for image in images])
+        output = self.runtime(batch, valid)
         categories = [category] * len(images) if category else self._categories(output.embeddings)
         return [self._prediction(*item) for item in zip(images, sources, categories, output.maps, output.scores,
                                                            strict=True)]
@@ -155,7 +160,7 @@ class Predictor:
     def _prediction(self, image: np.ndarray, source: str, category: str, token_map: np.ndarray,
                     score: float) -> Prediction:
         thresholds = self.calibration.for_category(category or None)
-        raw = to_original_resolution(token_map, image.shape[:2], self.preprocess.image_size, self.preprocess.crop_size)
+        raw = self.preprocess.geometry.to_original(token_map, image.shape[:2])
         mask = raw > thresholds.pixel
         normalised = thresholds.normalize_maps(raw)
         return Prediction(
@@ -172,19 +177,8 @@ class Predictor:
         )
 
 
-def to_original_resolution(anomaly_map: np.ndarray, shape: tuple[int, int], image_size: int,
-                           crop_size: int) -> np.ndarray:
-    """Places a map of the centre crop back onto the original image (H, W): the inverse of resize + centre crop.
-    Pixels outside the crop are 0."""
-    height, width = shape
-    left = round((image_size - crop_size) / 2.0)
-    x0, x1 = round(left * width / image_size), round((left + crop_size) * width / image_size)
-    y0, y1 = round(left * height / image_size), round((left + crop_size) * height / image_size)
-    resized = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32), "F").resize((x1 - x0, y1 - y0),
-                                                                                    Image.Resampling.BILINEAR)
-    full = np.zeros((height, width), dtype=np.float32)
-    full[y0:y1, x0:x1] = np.asarray(resized)
-    return full
+def _size_json(size: Size) -> int | list[int]:
+    return size[0] if size[0] == size[1] else list(size)
 
 
 def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[Region]:

@@ -173,15 +173,17 @@ class _PixelCounts:
         self.weights = np.zeros(2**16)  # sum over defect pixels of 1 / (size of their region), per bit pattern
         self.regions = 0
 
-    def add(self, masks: np.ndarray, maps: np.ndarray) -> None:
-        for masks_chunk, maps_chunk in _chunks(masks, maps):
+    def add(self, masks: np.ndarray, maps: np.ndarray, valid: np.ndarray) -> None:
+        for masks_chunk, maps_chunk, valid_chunk in _chunks(masks, maps, valid):
             bits_chunk = maps_chunk.astype(np.float16, copy=False).view(np.uint16)
             keys = bits_chunk.astype(np.intp)
             keys[masks_chunk] += 2**16
-            counts = np.bincount(keys.ravel(), minlength=2**17).reshape(2, 2**16)
+            keys[~valid_chunk] = 2**17  # one extra bin, dropped: pixels that are not part of the image
+            counts = np.bincount(keys.ravel(), minlength=2**17 + 1)[: 2**17].reshape(2, 2**16)
             if counts[:, _FLOAT16_NAN].any():
                 raise InpformerError("metrics: anomaly maps contain NaN; check the model output for NaN before "
                                      "evaluating")
+            masks_chunk = masks_chunk & valid_chunk
             weights, regions = _region_weights(masks_chunk)
             self.counts += counts
             self.weights += np.bincount(bits_chunk[masks_chunk], weights=weights, minlength=2**16)
@@ -216,7 +218,7 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> 
     if maps.dtype != np.float16:
         return _pixel_results(_sorted_curve(masks, maps), max_fpr)
     counts = _PixelCounts()
-    counts.add(masks, maps)
+    counts.add(masks, maps, np.ones(masks.shape, dtype=bool))
     return _pixel_results(counts.curve(), max_fpr)
 
 
@@ -261,15 +263,20 @@ class MetricAccumulator:
         self._images_with_maps = 0
 
     def add(self, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None = None,
-            maps: np.ndarray | None = None) -> None:
-        """One batch: 0/1 labels (B,), image scores (B,) and, for pixel metrics, masks and maps (B, H, W)."""
+            maps: np.ndarray | None = None, valid: np.ndarray | None = None) -> None:
+        """One batch: 0/1 labels (B,), image scores (B,) and, for pixel metrics, masks and maps (B, H, W);
+        `valid` (B, H, W) bool leaves the pixels where it is False (padding) out of the pixel metrics."""
         labels, scores = _image_inputs(labels, scores)
         if masks is not None and maps is not None:
             masks, maps = _pixel_inputs(masks, maps)
             if len(masks) != labels.size:
                 raise InpformerError(f"metrics: {labels.size} labels but {len(masks)} anomaly maps in a batch; "
                                      "pass one map and mask per labelled image")
-            self._pixels.add(masks, maps)
+            valid = np.ones(masks.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+            if valid.shape != masks.shape:
+                raise InpformerError(f"metrics: valid pixels of shape {valid.shape} do not match the masks "
+                                     f"{masks.shape}; pass one (H, W) bool array per image")
+            self._pixels.add(masks, maps, valid)
             self._images_with_maps += labels.size
         self._labels.append(labels)
         self._scores.append(scores)

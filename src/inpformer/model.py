@@ -11,6 +11,7 @@ run only `decode` at every step (training.py).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 
@@ -111,6 +112,13 @@ class INPFormerNet(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(embed_dim, num_heads) for _ in range(decoder_depth))
         self.trainable_modules().apply(_init_weights)
 
+    def with_encoder(self, encoder: nn.Module) -> INPFormerNet:
+        """This network with another encoder (e.g. the same one at another input size), sharing every trainable
+        parameter: a shallow copy whose module table alone is new."""
+        net = copy.copy(self)
+        net._modules = {**self._modules, "encoder": encoder}
+        return net
+
     def trainable_modules(self) -> nn.ModuleList:
         return nn.ModuleList([self.extractor, self.bottleneck, self.decoder])
 
@@ -123,13 +131,22 @@ class INPFormerNet(nn.Module):
             layers = self.encoder(images)
         return torch.stack([torch.stack([layers[i] for i in group]).mean(0) for group in GROUPS], dim=1)
 
-    def decode(self, encoded: Tensor) -> ModelOutput:
-        """Everything after the encoder, from `encode`'s output (possibly cached)."""
+    def decode(self, encoded: Tensor, token_subset: Tensor | None = None) -> ModelOutput:
+        """Everything after the encoder, from `encode`'s output (possibly cached).
+
+        `token_subset` ([B, k] token indices, training only) decodes just those tokens of each image: the INPs
+        still come from all tokens, but every decoder block acts per token given the INPs, so a token's
+        reconstruction does not depend on the other tokens and a subset is an unbiased sample of the full pass.
+        The output's encoder and decoder groups then hold the subset; `tokens` stays complete.
+        """
         # The groups are equal-sized halves of the 8 layers, so their mean is the mean of all 8 layers.
         tokens = encoded.mean(dim=1)
         queries = self.inp_queries.expand(tokens.shape[0], -1, -1)
         inps = self.extractor(queries, tokens)
-        x = self.bottleneck(tokens)
+        if token_subset is not None:
+            encoded = encoded.gather(2, token_subset[:, None, :, None].expand(-1, encoded.shape[1], -1,
+                                                                             encoded.shape[-1]))
+        x = self.bottleneck(encoded.mean(dim=1))
         outputs = []
         for block in self.decoder:
             x = block(x, inps)

@@ -38,7 +38,7 @@ from .datasets import DATASET_KINDS, load_dataset, load_folder
 from .detector import INPFormer, split_validation
 from .distributed import is_main_process
 from .errors import InpformerError
-from .inference import to_original_resolution
+from .geometry import Geometry
 from .metrics import METRIC_NAMES
 from .report import GalleryItem, image_uri, write_report
 from .results import Evaluation, ScoredImages, combine_repeats, merge
@@ -271,10 +271,11 @@ def _describe(thresholds: Thresholds) -> str:
 def _gallery(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:
     """Report items for evaluated images: the overlay on the centre crop the model saw, with ground truth."""
     items = []
-    crop = detector.config.crop_size
+    crop = detector.preprocess.crop_size
+    crop_geometry = Geometry(crop, crop)
     for sample, score, anomaly_map in zip(scored.samples, scored.scores, scored.maps, strict=True):
         view = detector.preprocess.view(read_image(sample.path))
-        crop_map = to_original_resolution(anomaly_map, (crop, crop), crop, crop)
+        crop_map = crop_geometry.to_original(anomaly_map.astype(np.float32), crop)
         if detector.calibration:
             thresholds = detector.calibration.for_category(sample.category)
             picture = prediction_overlay(view, thresholds.normalize_maps(crop_map), crop_map > thresholds.pixel)

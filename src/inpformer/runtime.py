@@ -19,7 +19,7 @@ from .scoring import AnomalyScorer
 
 @dataclass
 class RuntimeOutput:
-    """Raw outputs for a batch: maps [B, map_size, map_size], scores [B], embeddings [B, C] (L2-normalised mean
+    """Raw outputs for a batch: maps [B, map_h, map_w], scores [B], embeddings [B, C] (L2-normalised mean
     token of each image, used to recognise the category of an image for multi-class models)."""
 
     maps: np.ndarray
@@ -28,7 +28,8 @@ class RuntimeOutput:
 
 
 class InferenceGraph(nn.Module):
-    """Network + scorer + the pooled image threshold: images [B, 3, S, S] -> (maps, scores, decisions, embeddings)."""
+    """Network + scorer + the pooled image threshold: images [B, 3, H, W] and their valid boxes [B, 4] (y0, x0,
+    y1, x1 as fractions; [0, 0, 1, 1] for an image filling the input) -> (maps, scores, decisions, embeddings)."""
 
     def __init__(self, net: INPFormerNet, scorer: AnomalyScorer, image_threshold: float = float("inf"),
                  zero_shot: bool = False):
@@ -38,9 +39,9 @@ class InferenceGraph(nn.Module):
         self.zero_shot = zero_shot
         self.register_buffer("image_threshold", torch.tensor(image_threshold, dtype=torch.float32), persistent=False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         output = self.net(images)
-        maps, scores = self.scorer(output, zero_shot=self.zero_shot)
+        maps, scores = self.scorer(output, zero_shot=self.zero_shot, valid=valid)
         embeddings = F.normalize(output.tokens.mean(dim=1), dim=-1)
         return maps, scores, scores > self.image_threshold, embeddings
 
@@ -53,7 +54,14 @@ class TorchRuntime:
     def __init__(self, graph: InferenceGraph):
         self.graph = graph.eval()
 
-    def __call__(self, images: np.ndarray) -> RuntimeOutput:
+    def __call__(self, images: np.ndarray, valid: np.ndarray | None = None) -> RuntimeOutput:
+        images = np.ascontiguousarray(images, np.float32)
+        valid = full_boxes(images) if valid is None else np.ascontiguousarray(valid, np.float32)
         with torch.inference_mode():
-            maps, scores, _, embeddings = self.graph(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
+            maps, scores, _, embeddings = self.graph(torch.from_numpy(images), torch.from_numpy(valid))
         return RuntimeOutput(maps.numpy(), scores.numpy(), embeddings.numpy())
+
+
+def full_boxes(images: np.ndarray) -> np.ndarray:
+    """Valid boxes [B, 4] for images that fill the input (no padding)."""
+    return np.tile(np.array([0, 0, 1, 1], dtype=np.float32), (len(images), 1))

@@ -206,13 +206,16 @@ def _mapped_file(path: Path, shape: tuple[int, ...], writer: bool) -> Tensor:
     return features
 
 
-def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = True) -> TrainingLog:
+def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = True,
+          on_step: Callable[[int, INPFormerNet], None] | None = None, features: Tensor | None = None) -> TrainingLog:
     """Trains `net`'s INP Extractor, bottleneck and decoder on the good images of `dataset`, on `config.device`;
     `net` is back on the CPU afterwards.
 
     Launched as several processes (torchrun, `inpformer train --devices N`), training is data-parallel: every
     process draws the same batches of `config.batch_size` images (the global batch) and takes its share of each,
     and the gradients are averaged, so the result is that of one process with the same batch size.
+    `on_step(steps_done, net)` is called after every optimizer step (e.g. to evaluate learning curves);
+    `features`, `encode_dataset`'s output for `dataset` computed earlier, replaces the feature cache.
     """
     device = distributed.setup(config.device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -226,8 +229,9 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
     training_log = TrainingLog()
     start = time.perf_counter()
     batches = _local_batches(len(dataset), config.batch_size, config.seed, rank, world)
-    if config.feature_cache:
-        cache = encode_dataset(net, dataset, device, config.feature_cache_storage, progress)
+    if config.feature_cache or features is not None:
+        cache = features if features is not None else encode_dataset(net, dataset, device,
+                                                                     config.feature_cache_storage, progress)
         training_log.cache_seconds = time.perf_counter() - start
         inputs = (cache[indices].to(device, non_blocking=True) for indices in batches)
     else:
@@ -242,13 +246,15 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
     schedule = warm_cosine_schedule(config.lr, config.final_lr, iterations, config.warmup_iterations)
     net.train()
     train_start = time.perf_counter()
+    subsets = _token_subsets(config, batch_size, rank, world)
     bar = tqdm(range(iterations), desc="training", unit="it", disable=not progress)
     for step in bar:
         encoded = next(inputs)
+        token_subset = subsets(encoded.shape[2])
         for group in optimizer.param_groups:
             group["lr"] = float(schedule[step])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            output = decode(encoded)
+            output = decode(encoded, None if token_subset is None else token_subset.to(device))
         # this process's share of the batch mean: DDP averages the processes' gradients
         loss = training_loss(output, config) * (len(encoded) * world / batch_size)
         optimizer.zero_grad(set_to_none=True)
@@ -262,6 +268,8 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{schedule[step]:.1e}")
         if step % 50 == 0 or step == iterations - 1:
             log.debug("step %d/%d loss %.5f lr %.2e", step + 1, iterations, value, schedule[step])
+        if on_step is not None:
+            on_step(step + 1, net)
     net.eval()
     net.to("cpu")
     training_log.iterations = iterations
@@ -287,14 +295,29 @@ class _Decode(nn.Module):
         self.net = net
         self.compiled = torch.compile(net.decode) if compile else None
 
-    def forward(self, encoded: Tensor) -> ModelOutput:
+    def forward(self, encoded: Tensor, token_subset: Tensor | None = None) -> ModelOutput:
         if self.compiled is not None:
             try:
-                return self.compiled(encoded)
+                return self.compiled(encoded, token_subset)
             except Exception as error:
                 log.warning("torch.compile failed (%s); training without it", str(error).splitlines()[0][:200])
                 self.compiled = None
-        return self.net.decode(encoded)
+        return self.net.decode(encoded, token_subset)
+
+
+def _token_subsets(config: Config, batch_size: int, rank: int, world: int) -> Callable[[int], Tensor | None]:
+    """Per step, this process's share of a random subset of `config.train_tokens` token indices per image of the
+    global batch (all processes draw the same ones, like the batches), or None to decode every token."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+
+    def draw(num_tokens: int) -> Tensor | None:
+        if config.train_tokens is None or config.train_tokens >= num_tokens:
+            return None
+        scores = torch.rand(batch_size, num_tokens, generator=generator)
+        subset = scores.topk(config.train_tokens, dim=1).indices
+        return torch.tensor_split(subset, world)[rank]
+
+    return draw
 
 
 def _local_batches(num_images: int, batch_size: int, seed: int, rank: int, world: int) -> Iterator[list[int]]:
