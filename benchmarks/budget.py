@@ -134,7 +134,8 @@ def main() -> None:
                         help="decoder tokens per image per step, or 'all'; a comma list trains one model each")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--steps", default="250,500,1000",
-                        help="evaluate INP-Former after these steps; a ';'-separated list gives one per --train-tokens")
+                        help="evaluate INP-Former after these steps (0: train none); a ';'-separated list gives "
+                             "one per --train-tokens")
     parser.add_argument("--bank-size", type=int, default=16384, help="baseline memory bank (0: every token)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", required=True, help="JSON file for the results")
@@ -178,6 +179,8 @@ def main() -> None:
         print(_format(rows[-1]), flush=True)
 
     for train_tokens, steps in zip(tokens_list, steps_list, strict=True):
+        if steps == [0]:  # the baseline alone
+            continue
         run_config = dataclasses.replace(config, train_tokens=None if train_tokens == "all" else int(train_tokens))
         seed_everything(run_config.seed)
         net = INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, config.num_inps, config.decoder_depth)

@@ -21,7 +21,8 @@ async function loadModel() {
     const response = await fetch("model", { headers: authHeaders() });
     const body = await response.json();
     if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
-    line.textContent = `${body.backbone} · ${body.image_size}px · ${body.categories.join(", ")}`;
+    const size = Array.isArray(body.image_size) ? body.image_size.join("×") : body.image_size;
+    line.textContent = `${body.backbone} · ${size}px · ${body.categories.join(", ")}`;
     categorySelect.replaceChildren(new Option("recognise", ""), ...body.categories.map((c) => new Option(c, c)));
     categorySelect.disabled = body.categories.length < 2;
   } catch (error) {
