@@ -33,6 +33,11 @@ def test_cpu_preset_and_overrides():
         ("cpu", {"crop_size": 252, "image_size": 224}, "does not fit in --image-size"),
         ("cpu", {"batch_size": 0}, "--batch-size"),
         ("cpu", {"learning_rate": 1.0}, "unknown setting"),
+        ("cpu", {"tile_scale": 0.5, "image_size": 224, "crop_size": 196}, "--tile-scale cuts tiles"),
+        ("cpu", {"tile_scale": 0.0}, "--tile-scale 0.0"),
+        ("cpu", {"train_tokens": 0}, "--train-tokens"),
+        ("cpu", {"image_size": "448x"}, "--image-size"),
+        ("cpu", {"resize_mode": "zoom"}, "--resize-mode"),
     ],
 )
 def test_invalid_settings(preset, overrides, message):

@@ -82,12 +82,14 @@ class Calibration:
         return cls({c: Thresholds(**t) for c, t in values["thresholds"].items()}, dict(values.get("centroids", {})))
 
 
-def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray, maps: np.ndarray,
-              embeddings: np.ndarray, masks: np.ndarray | None = None, method: str = "false-reject",
+def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray,
+              maps: np.ndarray | Sequence[np.ndarray], embeddings: np.ndarray,
+              masks: np.ndarray | Sequence[np.ndarray] | None = None, method: str = "false-reject",
               max_false_reject: float = 0.01) -> Calibration:
     """Thresholds for every category and for all categories pooled (key ""), from scored calibration images.
 
-    `maps` [N, H, W] are the anomaly maps at map size; `masks` (same shape, for method "f1") the ground truth.
+    `maps` [N, H, W] are the anomaly maps at map size (or a list of maps of different sizes); `masks` (alike, for
+    method "f1") the ground truth.
     """
     if method not in METHODS:
         raise InpformerError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -96,9 +98,9 @@ def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray,
     groups = {"": np.ones(len(labels), dtype=bool)} | {c: categories == c for c in sorted(set(categories.tolist()))}
     thresholds = {}
     for name, selected in groups.items():
-        thresholds[name] = _category_thresholds(
-            labels[selected], scores[selected], maps[selected], None if masks is None else masks[selected],
-            method, max_false_reject, name)
+        selected_masks = None if masks is None else _take(masks, selected)
+        thresholds[name] = _category_thresholds(labels[selected], scores[selected], _take(maps, selected),
+                                                selected_masks, method, max_false_reject, name)
     good = labels == 0
     centroids = {}
     for name, selected in groups.items():
@@ -114,13 +116,14 @@ def _category_thresholds(labels: np.ndarray, scores: np.ndarray, maps: np.ndarra
     where = f"category {name!r}" if name else "the calibration images"
     if not good.any():
         raise InpformerError(f"no good images in {where}; calibration needs images of defect-free parts")
-    good_scores, good_maxima = scores[good], maps[good].reshape(good.sum(), -1).max(axis=1)
+    good_maps = _take(maps, good)
+    good_scores, good_maxima = scores[good], np.array([m.max() for m in good_maps])
     if method == "f1":
         if good.all() or masks is None:
             raise InpformerError(f"calibration method f1 needs defective images with masks in {where}; "
                                  "add them or use --method false-reject")
         image = _f1_threshold(labels, scores)
-        pixel = _f1_threshold(masks.reshape(-1).astype(bool), maps.reshape(-1))
+        pixel = _f1_threshold(_flat(masks).astype(bool), _flat(maps))
     else:
         image = float(np.quantile(good_scores, 1 - max_false_reject, method="higher"))
         pixel = float(np.quantile(good_maxima, 1 - max_false_reject, method="higher"))
@@ -128,12 +131,21 @@ def _category_thresholds(labels: np.ndarray, scores: np.ndarray, maps: np.ndarra
         image=image,
         pixel=pixel,
         image_scale=_scale(image, good_scores),
-        pixel_scale=_scale(pixel, maps[good].reshape(-1)),
+        pixel_scale=_scale(pixel, _flat(good_maps)),
         method=method,
         num_good=int(good.sum()),
         num_defective=int((~good).sum()),
         false_reject=float((good_scores > image).mean()),
     )
+
+
+def _take(maps: np.ndarray | Sequence[np.ndarray], selected: np.ndarray) -> list[np.ndarray]:
+    """The selected images' maps (an (N, H, W) array, or a list of maps of different sizes)."""
+    return [maps[i] for i in np.flatnonzero(selected)]
+
+
+def _flat(maps: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(m) for m in maps])
 
 
 def _f1_threshold(labels: np.ndarray, values: np.ndarray) -> float:

@@ -19,6 +19,7 @@ from .geometry import RESIZE_MODES
 from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "resize_mode", "train_tokens",
+                  "tile_scale", "tile_overlap",
                   "iterations", "epochs", "batch_size",
                   "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
                   "coherence_weight", "seed", "feature_cache", "val_fraction", "max_false_reject",
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resize-mode", choices=RESIZE_MODES,
                        help="stretch (default, the paper) or pad: keep the aspect ratio and pad by reflection "
                             "(padding never counts in maps, scores or metrics)")
+    train.add_argument("--tile-scale", type=float, metavar="S",
+                       help="large images: resize by S (e.g. 0.5), then cut into overlapping tiles of --image-size "
+                            "(trained on the tiles of good images; maps stitched with smooth blending)")
+    train.add_argument("--tile-overlap", type=float, metavar="F", help="fraction of a tile its neighbour shares "
+                                                                        "(default 0.25)")
     train.add_argument("--train-tokens", type=int, metavar="K",
                        help="decode a random K tokens per image per training step (default: all, the paper); "
                             "cheaper steps, the INPs still see every token")

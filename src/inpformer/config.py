@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import InpformerError
 from .geometry import Geometry, Size, format_size, parse_size
+from .tiling import Tiling, parse_tiling
 
 PATCH = 14  # the DINOv2 patch size
 
@@ -21,6 +22,8 @@ class Config:
     image_size: int | Size = 224  # resize to this (an int: square; else (height, width)), then centre-crop
     crop_size: int | Size = 224
     resize_mode: str = "stretch"  # "stretch" (the paper) or "pad": keep the aspect ratio, pad by reflection
+    tile_scale: float | None = None  # large images: resize by this, then cut into overlapping tiles of crop_size
+    tile_overlap: float = 0.25  # fraction of a tile shared with its neighbour
     num_inps: int = 6
     decoder_depth: int = 8
     coherence_weight: float = 0.2
@@ -55,6 +58,12 @@ class Config:
     def geometry(self) -> Geometry:
         """Training and evaluation (the paper's protocol): resize, then centre-crop."""
         return Geometry(parse_size(self.image_size), parse_size(self.crop_size), self.resize_mode)
+
+    def tiling(self) -> Tiling | None:
+        """The tiles of large images (None: the whole image is resized to the input)."""
+        if self.tile_scale is None:
+            return None
+        return parse_tiling(self.crop_size, self.tile_scale, self.tile_overlap)
 
     def deployment_geometry(self) -> Geometry:
         """Calibration, predict, serve and export: the whole resized image, never a crop, so that no margin goes
@@ -116,6 +125,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 def _validate(config: Config) -> None:
     geometry = config.geometry()  # checks the resize mode and that the crop fits
+    if config.tiling() is not None and (geometry.image_size != geometry.crop_size or config.resize_mode != "stretch"):
+        raise InpformerError("--tile-scale cuts tiles of the input size from the image: drop --crop-size and "
+                             "--resize-mode (the tile is --image-size)")
     if any(side % PATCH for side in geometry.crop_size):
         raise InpformerError(f"--crop-size {format_size(geometry.crop_size)} is not a multiple of the patch size 14 "
                              "(e.g. 224, 392 or 448x336)")

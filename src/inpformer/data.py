@@ -326,12 +326,31 @@ class ImageDataset(torch.utils.data.Dataset):
         return item
 
     def _mask(self, sample: Sample, shape: tuple[int, int]) -> np.ndarray:
-        if sample.mask_path is None:
-            return np.zeros(self.preprocess.crop_size, dtype=bool)
-        mask = read_mask(sample.mask_path, nonzero=sample.mask_nonzero)
-        if mask.shape != shape:
-            raise InpformerError(
-                f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.path} is "
-                f"{shape[1]}x{shape[0]}; save the mask at the image's size"
-            )
-        return self.preprocess.mask(mask)
+        mask = sample_mask(sample, shape)
+        return np.zeros(self.preprocess.crop_size, dtype=bool) if mask is None else self.preprocess.mask(mask)
+
+
+def sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+    """The ground-truth mask of a sample whose image has `shape` (H, W), checked to match it; None without one."""
+    if sample.mask_path is None:
+        return None
+    mask = read_mask(sample.mask_path, nonzero=sample.mask_nonzero)
+    if mask.shape != shape:
+        raise InpformerError(
+            f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.path} is "
+            f"{shape[1]}x{shape[0]}; save the mask at the image's size"
+        )
+    return mask
+
+
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image as `read_image` returns it (EXIF orientation applied), from its header alone."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that turn the image by 90 degrees
+                width, height = height, width
+    except Exception:  # the full read reports the precise reason
+        read_image(path)
+        raise
+    return height, width

@@ -6,7 +6,7 @@ import datetime as dt
 import functools
 import importlib.metadata
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,16 +19,17 @@ from .augment import ExpandedDataset
 from .backbone import load_encoder
 from .calibration import Calibration, calibrate
 from .config import Config, config_from_dict, make_config
-from .data import ImageDataset, Preprocess, Sample, read_image
+from .data import ImageDataset, Preprocess, Sample, read_image, sample_mask
 from .errors import InpformerError
 from .files import write_atomically
-from .geometry import Geometry
+from .geometry import Geometry, format_size
 from .inference import Prediction, Predictor, model_metadata
 from .metrics import MetricAccumulator
 from .model import INPFormerNet
 from .results import Evaluation, ScoredImages
-from .runtime import InferenceGraph, TorchRuntime
-from .scoring import AnomalyScorer, valid_pixels
+from .runtime import InferenceGraph, TorchRuntime, run_in_batches
+from .scoring import AnomalyScorer, top_mean, valid_pixels
+from .tiling import TileDataset, resize_mask
 from .training import TrainingLog, seed_everything, train
 
 log = logging.getLogger("inpformer")
@@ -92,7 +93,16 @@ class INPFormer:
         self.net = self._build()
         log.info("training on %d good images of %s (%d held out for calibration)", len(fitting),
                  ", ".join(self.categories), len(held_out))
-        dataset = ExpandedDataset(fitting, self.preprocess) if augment else ImageDataset(fitting, self.preprocess)
+        tiling = self.config.tiling()
+        if augment and tiling:
+            raise InpformerError("few-shot expansion and --tile-scale cannot be combined; train on tiles of more "
+                                 "good images, or without --tile-scale")
+        if tiling:
+            dataset = TileDataset(fitting, tiling, self.preprocess)
+            log.info("%d tiles of %s pixels (images resized by %g, overlap %g)", len(dataset),
+                     format_size(tiling.tile_size), tiling.scale, tiling.overlap)
+        else:
+            dataset = ExpandedDataset(fitting, self.preprocess) if augment else ImageDataset(fitting, self.preprocess)
         self.training_log = train(self.net, dataset, self.config, progress=progress)
         if not held_out:
             log.warning("too few good images to hold some out: thresholds are calibrated on the training images, "
@@ -126,6 +136,9 @@ class INPFormer:
         preprocess, scorer = ((self.deployment_preprocess, self.deployment_scorer) if deployment else
                               (self.preprocess, self.scorer))
         runtime = TorchRuntime(self.inference_graph(zero_shot, deployment))
+        if self.config.tiling():
+            return self._score_tiled(samples, runtime, scorer, with_masks, progress, keep_maps, metrics,
+                                     pixel_metrics)
         loader = DataLoader(ImageDataset(list(samples), preprocess, with_masks=with_masks), batch_size=batch_size)
         scores, maps, masks, embeddings = [], [], [], []
         for batch in _maybe_progress(loader, progress):
@@ -147,6 +160,34 @@ class INPFormer:
                 maps.append(output.maps.astype(np.float16))
         return ScoredImages(list(samples), np.concatenate(scores), np.concatenate(maps) if keep_maps else None,
                             np.concatenate(masks) if with_masks and keep_maps else None, np.concatenate(embeddings))
+
+    def _score_tiled(self, samples: Sequence[Sample], runtime: TorchRuntime, scorer: AnomalyScorer,
+                     with_masks: bool, progress: bool, keep_maps: bool, metrics: MetricAccumulator | None,
+                     pixel_metrics: bool) -> ScoredImages:
+        """`score` for a tiled model, one image at a time: its tiles' maps are stitched, and the score, the masks
+        and the metrics are taken on the stitched map (each image's own size)."""
+        tiling = self.config.tiling()
+        scores, maps, masks, embeddings = [], [], [], []
+        for sample in _maybe_progress(samples, progress):
+            image = read_image(sample.path)
+            tiles = np.stack([self.preprocess.normalize(view).numpy() for view in tiling.views(image)])
+            output = run_in_batches(runtime, tiles, tiling.valid_boxes(image.shape))
+            stitched = tiling.stitch(output.maps, image.shape)
+            score = top_mean(torch.from_numpy(stitched)[None], scorer.top_ratio).numpy()
+            mask = None
+            if with_masks:
+                truth = sample_mask(sample, image.shape[:2])
+                mask = (np.zeros(stitched.shape, bool) if truth is None else resize_mask(truth, stitched.shape))
+                masks.append(mask.astype(np.uint8))
+            if metrics is not None:
+                pixels = {"masks": mask[None], "maps": stitched[None]} if with_masks and pixel_metrics else {}
+                metrics.add(np.array([sample.label]), score, **pixels)
+            scores.append(score)
+            embeddings.append(F.normalize(torch.from_numpy(output.embeddings).mean(0), dim=0).numpy()[None])
+            if keep_maps:
+                maps.append(stitched.astype(np.float16))
+        return ScoredImages(list(samples), np.concatenate(scores), maps if keep_maps else None,
+                            masks if with_masks and keep_maps else None, np.concatenate(embeddings))
 
     def evaluate(self, samples: Sequence[Sample], zero_shot: bool = False, progress: bool = True,
                  keep_maps: bool = False) -> Evaluation:
@@ -260,12 +301,12 @@ def split_validation(good: Sequence[Sample], fraction: float, seed: int) -> tupl
     return fitting, held_out
 
 
-def _maybe_progress(loader: DataLoader, progress: bool):
+def _maybe_progress(items: Iterable, progress: bool):
     if not progress:
-        return loader
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc="scoring", unit="batch")
+    return tqdm(items, desc="scoring")
 
 
 def _short(error: Exception) -> str:

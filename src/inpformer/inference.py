@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .calibration import Calibration
 from .data import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess, is_image_file, read_image
 from .errors import InpformerError
 from .geometry import Geometry, Size
-from .runtime import RuntimeOutput
+from .runtime import RuntimeOutput, run_in_batches
+from .scoring import top_mean
+from .tiling import parse_tiling
 from .visualize import prediction_overlay
 
 log = logging.getLogger("inpformer")
@@ -95,6 +98,8 @@ def model_metadata(config: dict, geometry: Geometry, categories: Sequence[str], 
         "image_size": _size_json(geometry.image_size),
         "crop_size": _size_json(geometry.crop_size),
         "resize_mode": geometry.resize_mode,
+        "tiling": ({"scale": config["tile_scale"], "overlap": config["tile_overlap"]}
+                   if config.get("tile_scale") else None),
         "map_size": config["map_size"],
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -119,6 +124,9 @@ class Predictor:
         self.categories: list[str] = list(metadata["categories"])
         self.preprocess = Preprocess(metadata["image_size"], metadata["crop_size"], metadata["mean"], metadata["std"],
                                      metadata.get("resize_mode", "stretch"))
+        tiles = metadata.get("tiling")
+        self.tiling = parse_tiling(metadata["crop_size"], tiles["scale"], tiles["overlap"]) if tiles else None
+        self.top_ratio = metadata["config"]["top_ratio"]
         self.max_pixels = max_pixels
 
     def predict(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
@@ -130,12 +138,27 @@ class Predictor:
         if not images:
             return []
         sources = list(sources) if sources is not None else ["<array>"] * len(images)
-        batch = np.stack([self.preprocess(image).numpy() for image in images])
-        valid = np.stack([self.preprocess.valid_box(image.shape).numpy() for image in images])
-        output = self.runtime(batch, valid)
+        if self.tiling:
+            output = self._stitched(images)
+        else:
+            batch = np.stack([self.preprocess(image).numpy() for image in images])
+            valid = np.stack([self.preprocess.valid_box(image.shape).numpy() for image in images])
+            output = self.runtime(batch, valid)
         categories = [category] * len(images) if category else self._categories(output.embeddings)
         return [self._prediction(*item) for item in zip(images, sources, categories, output.maps, output.scores,
                                                            strict=True)]
+
+    def _stitched(self, images: Sequence[np.ndarray]) -> RuntimeOutput:
+        """Tiled models: per image, its tiles' maps stitched, the score on the stitched map, the mean embedding."""
+        maps, scores, embeddings = [], [], []
+        for image in images:
+            tiles = np.stack([self.preprocess.normalize(view).numpy() for view in self.tiling.views(image)])
+            output = run_in_batches(self.runtime, tiles, self.tiling.valid_boxes(image.shape))
+            maps.append(self.tiling.stitch(output.maps, image.shape))
+            scores.append(float(top_mean(torch.from_numpy(maps[-1])[None], self.top_ratio)))
+            mean = output.embeddings.mean(axis=0)
+            embeddings.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        return RuntimeOutput(maps, np.array(scores), np.stack(embeddings))
 
     def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 8,
                       category: str | None = None) -> Iterator[Prediction | Failure]:
@@ -160,7 +183,8 @@ class Predictor:
     def _prediction(self, image: np.ndarray, source: str, category: str, token_map: np.ndarray,
                     score: float) -> Prediction:
         thresholds = self.calibration.for_category(category or None)
-        raw = self.preprocess.geometry.to_original(token_map, image.shape[:2])
+        geometry = self.tiling or self.preprocess.geometry
+        raw = geometry.to_original(token_map, image.shape[:2])
         mask = raw > thresholds.pixel
         normalised = thresholds.normalize_maps(raw)
         return Prediction(

@@ -19,8 +19,10 @@ class ScoredImages:
 
     samples: list[Sample]
     scores: np.ndarray  # (N,) float32
-    maps: np.ndarray | None = None  # (N, map_size, map_size) float16, unless dropped after streaming the metrics
-    masks: np.ndarray | None = None  # (N, map_size, map_size) uint8 0/1, when ground truth was read
+    # (N, map_h, map_w) float16, unless dropped after streaming the metrics; a list of each image's stitched map
+    # for tiled models
+    maps: np.ndarray | list[np.ndarray] | None = None
+    masks: np.ndarray | list[np.ndarray] | None = None  # uint8 0/1 like `maps`, when ground truth was read
     embeddings: np.ndarray | None = None  # (N, C) unit mean-token embeddings
 
 

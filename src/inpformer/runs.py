@@ -282,7 +282,8 @@ def _gallery(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:
             normalised = float(thresholds.normalize_scores(score))
             decision = "defective" if score > thresholds.image else "good"
         else:
-            picture, normalised, decision = overlay(view, crop_map, *np.percentile(scored.maps, [1, 99.9])), None, None
+            limits = np.percentile(np.concatenate([np.ravel(m) for m in scored.maps]), [1, 99.9])
+            picture, normalised, decision = overlay(view, crop_map, *limits), None, None
         items.append(GalleryItem(str(sample.path), sample.category, float(score), normalised, decision,
                                  image_uri(picture), label=sample.label))
     return items
@@ -314,14 +315,19 @@ def write_results(run_dir: Path, evaluation: Evaluation, save_maps: bool) -> Non
             for sample, score in zip(scored.samples, scored.scores, strict=True):
                 writer.writerow([sample.path, sample.category, sample.defect_type, sample.label, f"{score:.6f}"])
     if save_maps:
+        maps = [m.astype(np.float32) for i in images for m in i.maps]
+        masks = [m.astype(np.uint8) for i in images for m in i.masks]
+        if len({m.shape for m in maps}) == 1:
+            arrays = {"maps": np.stack(maps), "masks": np.stack(masks)}
+        else:  # tiled models: each image's stitched map has that image's size
+            arrays = {f"{kind}_{n}": m for kind, items in (("map", maps), ("mask", masks)) for n, m in enumerate(items)}
         np.savez_compressed(
             run_dir / "maps.npz",
             paths=np.array([str(s.path) for i in images for s in i.samples]),
             categories=np.array([s.category for i in images for s in i.samples]),
             labels=np.array([s.label for i in images for s in i.samples], dtype=np.uint8),
             scores=np.concatenate([i.scores for i in images]).astype(np.float32),
-            maps=np.concatenate([i.maps for i in images]).astype(np.float32),
-            masks=np.concatenate([i.masks for i in images]).astype(np.uint8),
+            **arrays,
         )
 
 

@@ -65,3 +65,11 @@ class TorchRuntime:
 def full_boxes(images: np.ndarray) -> np.ndarray:
     """Valid boxes [B, 4] for images that fill the input (no padding)."""
     return np.tile(np.array([0, 0, 1, 1], dtype=np.float32), (len(images), 1))
+
+
+def run_in_batches(runtime, images: np.ndarray, valid: np.ndarray, batch_size: int = 8) -> RuntimeOutput:
+    """`runtime` over `images` in batches of `batch_size` (bounded memory, e.g. for the tiles of a large image)."""
+    outputs = [runtime(images[i : i + batch_size], valid[i : i + batch_size])
+               for i in range(0, len(images), batch_size)]
+    return RuntimeOutput(*(np.concatenate([getattr(o, name) for o in outputs])
+                           for name in ("maps", "scores", "embeddings")))

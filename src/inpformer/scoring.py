@@ -35,7 +35,7 @@ class AnomalyScorer(nn.Module):
         super().__init__()
         self.input_size = parse_size(input_size)
         self.map_shape = map_shape(self.input_size, map_size)
-        self.top_k = max(1, int(self.map_shape[0] * self.map_shape[1] * top_ratio))
+        self.top_ratio = top_ratio
         self.register_buffer("blur_weight", gaussian_kernel(blur_kernel, blur_sigma), persistent=False)
 
     def token_maps(self, output: ModelOutput) -> Tensor:
@@ -63,13 +63,19 @@ class AnomalyScorer(nn.Module):
 
     def scores(self, maps: Tensor) -> Tensor:
         """Image score: mean of the top `top_ratio` of each map's pixels."""
-        return maps.flatten(1).topk(self.top_k, dim=1).values.mean(1)
+        return top_mean(maps, self.top_ratio)
 
     def forward(self, output: ModelOutput, zero_shot: bool = False,
                 valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         token_maps = self.zero_shot_token_maps(output) if zero_shot else self.token_maps(output)
         maps = self.maps(token_maps, valid)
         return maps, self.scores(maps)
+
+
+def top_mean(maps: Tensor, ratio: float) -> Tensor:
+    """[B, H, W] -> [B]: the mean of each map's highest `ratio` of pixels (at least one)."""
+    count = max(1, int(maps.shape[-2] * maps.shape[-1] * ratio))
+    return maps.flatten(1).topk(count, dim=1).values.mean(1)
 
 
 def valid_pixels(boxes: Tensor, shape: Size) -> Tensor:
