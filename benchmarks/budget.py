@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader
 
 from inpformer import load_mvtec, make_config
 from inpformer.backbone import load_encoder
-from inpformer.data import ImageDataset, Preprocess
+from inpformer.data.geometry import format_size
+from inpformer.data.images import ImageDataset, Preprocess
 from inpformer.detector import split_validation
-from inpformer.geometry import format_size
 from inpformer.metrics import METRIC_NAMES, MetricAccumulator
 from inpformer.model import INPFormerNet
 from inpformer.scoring import AnomalyScorer, valid_pixels

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from inpformer.geometry import format_size, parse_size
+from inpformer.data.geometry import format_size, parse_size
 
 METRICS = ("I-AUROC", "P-AUROC")
 

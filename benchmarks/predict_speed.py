@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from inpformer import load_predictor
-from inpformer.data import read_image
+from inpformer.data.images import read_image
 from inpformer.deploy import predict_run
 from inpformer.inference import find_images
 

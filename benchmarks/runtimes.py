@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from inpformer import INPFormer, load_mvtec
-from inpformer.data import ImageDataset
+from inpformer.data.images import ImageDataset
 from inpformer.deploy import export_model
 from inpformer.export import OnnxRuntime
 from inpformer.metrics import compute_metrics

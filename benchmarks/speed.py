@@ -36,10 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from inpformer import INPFormer
 from inpformer.backbone import BACKBONES, Encoder
 from inpformer.config import Config, make_config
-from inpformer.data import ImageDataset, load_mvtec, read_image
+from inpformer.data.geometry import Size, format_size
+from inpformer.data.images import ImageDataset, load_mvtec, read_image
 from inpformer.errors import InpformerError
 from inpformer.export import OnnxRuntime, export_onnx, quantize_int8
-from inpformer.geometry import Size, format_size
 from inpformer.model import INPFormerNet
 from inpformer.runtime import InferenceGraph, RuntimeOutput, TorchRuntime, full_boxes
 from inpformer.training import train

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from synthetic import make_mvtec
 
-from inpformer.augment import FEW_SHOT_EXPANSIONS, ExpandedDataset, draw_shots
-from inpformer.data import Preprocess, load_mvtec
+from inpformer.data.augment import FEW_SHOT_EXPANSIONS, ExpandedDataset, draw_shots
+from inpformer.data.images import Preprocess, load_mvtec
 
 
 def test_22_distinct_expansions_in_pixel_space():
@@ -35,7 +35,7 @@ def test_expanded_dataset(tmp_path):
     dataset = ExpandedDataset(samples, preprocess)
     assert len(dataset) == 3 * 22
     item = dataset[22]  # second image, original
-    from inpformer.data import read_image
+    from inpformer.data.images import read_image
 
     torch.testing.assert_close(item["image"], preprocess(read_image(samples[1].path)))
     assert item["index"] == 22 and dataset[23]["image"].shape == (3, 56, 56)

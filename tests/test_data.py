@@ -5,7 +5,7 @@ from PIL import Image
 from synthetic import make_mvtec, save_image
 from torchvision.transforms import v2
 
-from inpformer.data import (
+from inpformer.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,

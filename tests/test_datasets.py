@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 from synthetic import make_folder, make_mvtec, make_realiad, make_visa_1cls, make_visa_raw, save_image
 
-from inpformer.data import ImageDataset, Preprocess, load_mvtec, read_mask
-from inpformer.datasets import (
+from inpformer.data.datasets import (
     DATASET_KINDS,
     dataset_categories,
     detect_dataset,
@@ -17,6 +16,7 @@ from inpformer.datasets import (
     load_realiad,
     load_visa,
 )
+from inpformer.data.images import ImageDataset, Preprocess, load_mvtec, read_mask
 from inpformer.errors import InpformerError
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from inpformer.data.geometry import Geometry, map_shape, parse_size
 from inpformer.errors import InpformerError
-from inpformer.geometry import Geometry, map_shape, parse_size
 
 
 def test_parse_size():

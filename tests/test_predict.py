@@ -12,7 +12,7 @@ from synthetic import add_defect, make_mvtec, textured_image
 from inpformer import INPFormer
 from inpformer.calibration import Calibration, Thresholds, calibrate
 from inpformer.cli import main
-from inpformer.geometry import Geometry
+from inpformer.data.geometry import Geometry
 from inpformer.inference import defect_regions
 
 TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from inpformer import load_mvtec
+from inpformer.data.tiling import Tiling, parse_tiling
 from inpformer.errors import InpformerError
-from inpformer.tiling import Tiling, parse_tiling
 
 
 def _coverage(tiling: Tiling, shape) -> np.ndarray:

@@ -5,11 +5,11 @@ readers, presets, predictors for checkpoints and ONNX files, and the run-directo
 over.
 """
 
-from .augment import draw_shots
 from .calibration import Calibration, Thresholds
 from .config import PRESETS, Config, make_config
-from .data import Sample, find_categories, load_mvtec, read_image
-from .datasets import detect_dataset, load_dataset, load_folder, load_realiad, load_visa
+from .data.augment import draw_shots
+from .data.datasets import detect_dataset, load_dataset, load_folder, load_realiad, load_visa
+from .data.images import Sample, find_categories, load_mvtec, read_image
 from .deploy import export_model, load_predictor, predict_run
 from .detector import INPFormer
 from .errors import InpformerError

@@ -19,8 +19,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from inpformer.data.geometry import Size, format_size, parse_size
 from inpformer.errors import InpformerError
-from inpformer.geometry import Size, format_size, parse_size
 
 log = logging.getLogger("inpformer")
 

@@ -10,12 +10,12 @@ from . import distributed
 from .backbone import BACKBONES
 from .calibration import METHODS
 from .config import PRESETS, make_config
-from .data import MAX_PIXELS
-from .datasets import DATASET_KINDS
+from .data.datasets import DATASET_KINDS
+from .data.geometry import RESIZE_MODES
+from .data.images import MAX_PIXELS
 from .deploy import RUNTIMES, export_model, predict_run, resolve_model
 from .distributed import DEVICES
 from .errors import InpformerError
-from .geometry import RESIZE_MODES
 from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "resize_mode", "train_tokens",

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .data.geometry import Geometry, Size, format_size, parse_size
+from .data.tiling import Tiling, parse_tiling
 from .errors import InpformerError
-from .geometry import Geometry, Size, format_size, parse_size
-from .tiling import Tiling, parse_tiling
 
 PATCH = 14  # the DINOv2 patch size
 

@@ -7,7 +7,7 @@ import importlib.util
 import random
 from pathlib import Path
 
-from .data import Sample
+from .data.images import Sample
 from .detector import Evaluation, INPFormer
 from .errors import InpformerError
 from .runs import log_to_file, write_results

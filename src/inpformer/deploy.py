@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import MAX_PIXELS
+from .data.images import MAX_PIXELS
 from .detector import INPFormer
 from .errors import InpformerError
 from .export import OnnxRuntime, export_onnx, quantize_int8

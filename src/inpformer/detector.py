@@ -15,21 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .augment import ExpandedDataset
 from .backbone import load_encoder
 from .calibration import Calibration, calibrate
 from .config import Config, config_from_dict, make_config
-from .data import ImageDataset, Preprocess, Sample, read_image, sample_mask
+from .data.augment import ExpandedDataset
+from .data.geometry import Geometry, format_size
+from .data.images import ImageDataset, Preprocess, Sample, read_image, sample_mask
+from .data.tiling import TileDataset, resize_mask
 from .errors import InpformerError
 from .files import write_atomically
-from .geometry import Geometry, format_size
 from .inference import Prediction, Predictor, model_metadata
 from .metrics import MetricAccumulator
 from .model import INPFormerNet
 from .results import Evaluation, ScoredImages
 from .runtime import InferenceGraph, TorchRuntime, run_in_batches
 from .scoring import AnomalyScorer, top_mean, valid_pixels
-from .tiling import TileDataset, resize_mask
 from .training import TrainingLog, seed_everything, train
 
 log = logging.getLogger("inpformer")

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import torch
 
+from .data.geometry import Size, parse_size
 from .errors import InpformerError
 from .files import write_atomically
-from .geometry import Size, parse_size
 from .runtime import InferenceGraph, RuntimeOutput, full_boxes
 
 METADATA_KEY = "inpformer"

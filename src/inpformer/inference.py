@@ -17,12 +17,12 @@ import torch
 from scipy import ndimage
 
 from .calibration import Calibration
-from .data import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess, is_image_file, read_image
+from .data.geometry import Geometry, Size
+from .data.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess, is_image_file, read_image
+from .data.tiling import parse_tiling
 from .errors import InpformerError
-from .geometry import Geometry, Size
 from .runtime import RuntimeOutput, run_in_batches
 from .scoring import top_mean
-from .tiling import parse_tiling
 from .visualize import prediction_overlay
 
 log = logging.getLogger("inpformer")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import Sample
+from .data.images import Sample
 from .metrics import METRIC_NAMES
 
 Metrics = dict[str, float]

@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .augment import draw_shots
 from .calibration import METHODS, Thresholds
 from .config import Config
-from .data import Sample, read_image
-from .datasets import DATASET_KINDS, load_dataset, load_folder
+from .data.augment import draw_shots
+from .data.datasets import DATASET_KINDS, load_dataset, load_folder
+from .data.geometry import Geometry
+from .data.images import Sample, read_image
 from .detector import INPFormer, split_validation
 from .distributed import is_main_process
 from .errors import InpformerError
-from .geometry import Geometry
 from .metrics import METRIC_NAMES
 from .report import GalleryItem, image_uri, write_report
 from .results import Evaluation, ScoredImages, combine_repeats, merge

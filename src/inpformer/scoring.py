@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .geometry import Size, map_shape, parse_size
+from .data.geometry import Size, map_shape, parse_size
 from .losses import token_to_inp_distance
 from .model import ModelOutput
 

@@ -38,7 +38,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from . import __version__
-from .data import read_image
+from .data.images import read_image
 from .deploy import load_predictor
 from .errors import InpformerError
 from .inference import Prediction, Predictor

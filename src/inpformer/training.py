@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
-from .augment import ExpandedDataset
 from .backbone import cache_dir
 from .config import Config
-from .data import ImageDataset
+from .data.augment import ExpandedDataset
+from .data.images import ImageDataset
 from .errors import InpformerError
 from .losses import inp_coherence_loss, soft_mining_loss
 from .model import INPFormerNet, ModelOutput

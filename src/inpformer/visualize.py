@@ -9,7 +9,7 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from .data import Preprocess, read_image
+from .data.images import Preprocess, read_image
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:

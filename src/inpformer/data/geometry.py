@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import InpformerError
+from ..errors import InpformerError
 
 Size = tuple[int, int]
 RESIZE_MODES = ("stretch", "pad")

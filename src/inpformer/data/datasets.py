@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from inpformer.data import (
+from ..errors import InpformerError
+from .images import (
     IMAGE_EXTENSIONS,
     LAYOUT_HINT,
     Sample,
@@ -30,7 +31,6 @@ from inpformer.data import (
     load_mvtec,
     select_categories,
 )
-from inpformer.errors import InpformerError
 
 log = logging.getLogger("inpformer")
 

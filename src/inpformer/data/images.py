@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from inpformer.errors import InpformerError
-from inpformer.geometry import Geometry, Size, parse_size
+from ..errors import InpformerError
+from .geometry import Geometry, Size, parse_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

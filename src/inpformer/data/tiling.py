@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from scipy.ndimage import map_coordinates
 
-from .data import Preprocess, Sample, image_shape, read_image
-from .errors import InpformerError
+from ..errors import InpformerError
 from .geometry import Size, format_size, map_shape, parse_size
+from .images import Preprocess, Sample, image_shape, read_image
 
 PATCH = 14  # the ViT patch: tile sides must be multiples of it
 EPSILON = 1e-3  # the smallest blending weight, so every stitched pixel has a positive total weight

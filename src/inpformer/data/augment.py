@@ -16,7 +16,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from .data import Preprocess, Sample, read_image
+from .images import Preprocess, Sample, read_image
 
 Expansion = Callable[[torch.Tensor], torch.Tensor]  # (3, H, W) uint8 -> (3, H, W) uint8
 
