@@ -1,5 +1,6 @@
 """Learning curves from benchmarks/budget.py's JSON files: I-AUROC and P-AUROC against training minutes (the
-CPU budget), one row of plots per category, the nearest-neighbour baselines as markers at their cost.
+CPU budget), one row of plots per category, the nearest-neighbour baselines as markers at their cost; and the
+same numbers as a markdown table on standard output.
 
     python benchmarks/plot_budget.py runs/budget/*.json --out docs/images/learning_curves.png
 """
@@ -18,6 +19,7 @@ import matplotlib.pyplot as plt
 from inpformer.data.geometry import format_size, parse_size
 
 METRICS = ("I-AUROC", "P-AUROC")
+ALL_METRICS = ("I-AUROC", "I-AP", "P-AUROC", "AUPRO")
 
 
 def label(config: dict) -> str:
@@ -60,7 +62,15 @@ def main() -> None:
     figure.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n")
+    print("| category | input | method | steps | train min | " + " | ".join(ALL_METRICS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(ALL_METRICS))
+    for category, results in sorted(by_category.items()):
+        for result in results:
+            for point in result["rows"]:
+                values = " | ".join(f"{100 * point[m]:.1f}" for m in ALL_METRICS)
+                print(f"| {category} | {label(result['config'])} | {point['method']} | {point['steps'] or '-'} | "
+                      f"{point['train_min']:.1f} | {values} |")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,16 @@ def test_paper_preset_is_the_papers_configuration():
 def test_cpu_preset_and_overrides():
     config = make_config("cpu", iterations=7, seed=5, backbone_weights=None)
     assert config.backbone == "dinov2_vits14" and config.iterations == 7 and config.seed == 5
+    assert (config.image_size, config.crop_size, config.resize_mode, config.train_tokens) == (448, 448, "pad", 128)
+    assert config.deployment_geometry() == config.geometry()  # no crop: what is tested is what is deployed
     assert total_iterations(make_config("cpu", epochs=3), num_images=80) == 30  # --epochs replaces iterations
     assert total_iterations(make_config("paper", iterations=9), num_images=80) == 9
     assert config_from_dict({**config.to_dict(), "from_a_newer_version": 1}) == config
     assert set(PRESETS) == {"paper", "cpu"}
+    paper = make_config("paper")
+    assert (paper.resize_mode, paper.train_tokens) == ("stretch", None)  # the paper: every token, stretched
+    assert paper.deployment_geometry().crop_size == (448, 448) and paper.geometry().crop_size == (392, 392)
+    assert make_config("cpu", image_size="448x336").crop_size == (448, 336)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +41,7 @@ def test_cpu_preset_and_overrides():
         ("cpu", {"learning_rate": 1.0}, "unknown setting"),
         ("cpu", {"tile_scale": 0.5, "image_size": 224, "crop_size": 196}, "--tile-scale cuts tiles"),
         ("cpu", {"tile_scale": 0.0}, "--tile-scale 0.0"),
-        ("cpu", {"train_tokens": 0}, "--train-tokens"),
+        ("cpu", {"train_tokens": 0}, "--train-tokens must be a count"),
         ("cpu", {"image_size": "448x"}, "--image-size"),
         ("cpu", {"resize_mode": "zoom"}, "--resize-mode"),
     ],

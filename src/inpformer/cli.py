@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(trained on the tiles of good images; maps stitched with smooth blending)")
     train.add_argument("--tile-overlap", type=float, metavar="F", help="fraction of a tile its neighbour shares "
                                                                         "(default 0.25)")
-    train.add_argument("--train-tokens", type=int, metavar="K",
-                       help="decode a random K tokens per image per training step (default: all, the paper); "
+    train.add_argument("--train-tokens", type=_tokens, metavar="K|all",
+                       help="decode a random K tokens per image per training step (cpu preset: 128; paper: all); "
                             "cheaper steps, the INPs still see every token")
     train.add_argument("--iterations", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
     train.add_argument("--epochs", type=int, metavar="E")
@@ -226,6 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("inpformer: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _tokens(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {value!r}") from None
 
 
 def _comma_list(text: str) -> list[str]:
