@@ -131,7 +131,7 @@ def _category_thresholds(labels: np.ndarray, scores: np.ndarray, maps: np.ndarra
         image=image,
         pixel=pixel,
         image_scale=_scale(image, good_scores),
-        pixel_scale=_scale(pixel, _flat(good_maps)),
+        pixel_scale=_scale(pixel, _image_pixels(_flat(good_maps))),
         method=method,
         num_good=int(good.sum()),
         num_defective=int((~good).sum()),
@@ -146,6 +146,13 @@ def _take(maps: np.ndarray | Sequence[np.ndarray], selected: np.ndarray) -> list
 
 def _flat(maps: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.ravel(m) for m in maps])
+
+
+def _image_pixels(values: np.ndarray) -> np.ndarray:
+    """Map values without the padding of aspect-preserving resizes, which scoring sets to exactly 0 (a real
+    pixel's 1 - cosine, blurred, is never exactly 0)."""
+    kept = values[values > 0]
+    return kept if kept.size else values
 
 
 def _f1_threshold(labels: np.ndarray, values: np.ndarray) -> float:
