@@ -44,9 +44,9 @@ from inpformer.model import INPFormerNet
 from inpformer.runtime import InferenceGraph, RuntimeOutput, TorchRuntime, full_boxes
 from inpformer.training import train
 
-TARGETS = """targets (cpu preset, 2-core AVX2 CPU):
+TARGETS = """targets (2-core AVX2 CPU):
   training        <= 1.8 s/step at batch 8 (anomalib: 2.7 s/step)
-  fp32 inference  >= 7 images/s at batch 8 (anomalib: 6.1 images/s)
+  fp32 inference  >= 7 images/s at batch 8 at 224 px (anomalib: 6.1 images/s); at other sizes, scale by FLOPs
   efficiency      >= 85% of the hardware limit (images/s x FLOPs/image / GEMM FLOP/s)
   int8 inference  >= 1.5x fp32"""
 
