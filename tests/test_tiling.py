@@ -131,8 +131,8 @@ def test_parse_tiling():
     assert parse_tiling(224) == Tiling((224, 224))
     for kwargs, option in [(dict(scale=0), "--tile-scale"), (dict(scale=5), "--tile-scale"),
                            (dict(scale="big"), "--tile-scale"), (dict(overlap=0.9), "--tile-overlap"),
-                           (dict(overlap=-0.1), "--tile-overlap"), (dict(tile_size=450), "--tile-size"),
-                           (dict(tile_size="0x14"), "--tile-size")]:
+                           (dict(overlap=-0.1), "--tile-overlap"), (dict(tile_size=450), "--image-size 450"),
+                           (dict(tile_size="0x14"), "--image-size")]:
         with pytest.raises(InpformerError, match=option):
             parse_tiling(**{"tile_size": 448, **kwargs})
 

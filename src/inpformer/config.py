@@ -6,11 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .data.geometry import Geometry, Size, format_size, parse_size
+from .data.geometry import PATCH, Geometry, Size, format_size, parse_size
 from .data.tiling import Tiling, parse_tiling
 from .errors import InpformerError
-
-PATCH = 14  # the DINOv2 patch size
 
 
 @dataclass

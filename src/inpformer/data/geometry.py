@@ -21,6 +21,7 @@ from PIL import Image
 from ..errors import InpformerError
 
 Size = tuple[int, int]
+PATCH = 14  # the DINOv2 patch: the model's input sides are multiples of it
 RESIZE_MODES = ("stretch", "pad")
 
 

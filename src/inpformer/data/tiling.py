@@ -18,10 +18,9 @@ from PIL import Image
 from scipy.ndimage import map_coordinates
 
 from ..errors import InpformerError
-from .geometry import Size, format_size, map_shape, parse_size
+from .geometry import PATCH, Size, format_size, map_shape, parse_size
 from .images import Preprocess, Sample, image_shape, read_image
 
-PATCH = 14  # the ViT patch: tile sides must be multiples of it
 EPSILON = 1e-3  # the smallest blending weight, so every stitched pixel has a positive total weight
 Box = tuple[int, int, int, int]
 
@@ -128,9 +127,9 @@ class Tiling:
 def parse_tiling(tile_size: int | str | Sequence[int], scale: float | str = 1.0,
                  overlap: float | str = 0.25) -> Tiling:
     """Validated options -> a `Tiling`; errors name the option and the fix."""
-    size = parse_size(tile_size, "--tile-size")
+    size = parse_size(tile_size, "--image-size")  # the tile is the model's input
     if size[0] % PATCH or size[1] % PATCH:
-        raise InpformerError(f"--tile-size {format_size(size)}: use multiples of {PATCH} (the ViT patch), "
+        raise InpformerError(f"--image-size {format_size(size)} (the tile): use multiples of {PATCH} (the ViT patch), "
                              f"e.g. {format_size(tuple(max(PATCH, round(s / PATCH) * PATCH) for s in size))}")
     scale = _number(scale, "--tile-scale", lambda v: 0 < v <= 4, "a resize factor in (0, 4], e.g. 0.5")
     overlap = _number(overlap, "--tile-overlap", lambda v: 0 <= v < 0.9, "a fraction of a tile in [0, 0.9), e.g. 0.25")
