@@ -79,7 +79,20 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, values: dict) -> Calibration:
-        return cls({c: Thresholds(**t) for c, t in values["thresholds"].items()}, dict(values.get("centroids", {})))
+        """Rebuilds `to_dict`'s output (from a model file): raises ValueError, TypeError or KeyError if malformed."""
+        thresholds = {c: Thresholds(**t) for c, t in values["thresholds"].items()}
+        for category, t in thresholds.items():
+            numbers = (t.image, t.pixel, t.image_scale, t.pixel_scale)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers) or min(numbers[2:]) <= 0:
+                raise ValueError(f"the thresholds of {category or 'all categories'} are not finite numbers with "
+                                 "positive scales")
+        if "" not in thresholds:
+            raise ValueError("the thresholds for all categories (key '') are missing")
+        centroids = dict(values.get("centroids", {}))
+        if len({len(c) for c in centroids.values()}) > 1 or not all(
+                isinstance(v, (int, float)) for c in centroids.values() for v in c):
+            raise ValueError("the category centroids are not vectors of one length")
+        return cls(thresholds, centroids)
 
 
 def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray,

@@ -222,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InpformerError as error:
         print(f"inpformer: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file system failure the checks up front could not foresee (disk full, permissions)
+        print(f"inpformer: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("inpformer: interrupted", file=sys.stderr)
         return 130

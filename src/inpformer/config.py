@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,7 @@ class Config:
         for name in ("image_size", "crop_size"):
             size = parse_size(getattr(self, name), "--" + name.replace("_", "-"))
             setattr(self, name, size[0] if size[0] == size[1] else size)
+        _validate(self)
 
     def geometry(self) -> Geometry:
         """Training and evaluation (the paper's protocol): resize, then centre-crop."""
@@ -117,9 +120,7 @@ def make_config(preset: str = "cpu", **overrides: Any) -> Config:
         values["epochs"] = None
     if "epochs" in overrides and overrides["epochs"] is not None:
         values["iterations"] = None
-    config = Config(**values)
-    _validate(config)
-    return config
+    return Config(**values)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -128,9 +129,64 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return Config(**{k: v for k, v in values.items() if k in fields})
 
 
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _at_least_one(v: int) -> bool:
+    return v >= 1
+
+
+def _fraction(v: float) -> bool:
+    return 0 < v < 1
+
+
+# field: (type, the values training can use, how to say so)
+_NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "iterations": (int, _at_least_one, "at least 1"),
+    "epochs": (int, _at_least_one, "at least 1"),
+    "batch_size": (int, _at_least_one, "at least 1"),
+    "warmup_iterations": (int, _non_negative, "at least 0"),
+    "num_inps": (int, _at_least_one, "at least 1"),
+    "decoder_depth": (int, _at_least_one, "at least 1"),
+    "seed": (int, _non_negative, "at least 0"),
+    "train_tokens": (int, _at_least_one, "a count of at least 1, or 'all'"),
+    "map_size": (int, _at_least_one, "at least 1"),
+    "blur_kernel": (int, lambda v: v >= 1 and v % 2 == 1, "an odd number"),
+    "lr": (float, _positive, "a number > 0"),
+    "final_lr": (float, _non_negative, "a number >= 0"),
+    "weight_decay": (float, _non_negative, "a number >= 0"),
+    "grad_clip": (float, _positive, "a number > 0"),
+    "coherence_weight": (float, _non_negative, "a number >= 0"),
+    "mining_exponent": (float, _non_negative, "a number >= 0"),
+    "blur_sigma": (float, _positive, "a number > 0"),
+    "top_ratio": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "val_fraction": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_false_reject": (float, _fraction, "in (0, 1)"),
+}
+_OPTIONAL = {"iterations", "epochs", "train_tokens"}  # None: not set
+_CHOICES = {"feature_cache_storage": ("auto", "memory", "disk"), "device": ("auto", "cpu", "cuda")}
+
+
 def _validate(config: Config) -> None:
+    """Every setting in range before any work, each error naming its command-line option."""
+    for name, (kind, allowed, description) in _NUMBERS.items():
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not allowed(value):
+            raise InpformerError(f"{_option(name)} must be {description}, got {value!r}")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise InpformerError(f"{_option(name)} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     geometry = config.geometry()  # checks the resize mode and that the crop fits
-    if config.tiling() is not None and geometry.image_size != geometry.crop_size:
+    tiling = config.tiling()  # checks --tile-scale and --tile-overlap
+    if tiling is not None and geometry.image_size != geometry.crop_size:
         raise InpformerError("--tile-scale cuts tiles of the input size from the image: drop --crop-size (the tile "
                              "is --image-size; --resize-mode does not apply)")
     if any(side % PATCH for side in geometry.crop_size):
@@ -138,11 +194,7 @@ def _validate(config: Config) -> None:
                              "(e.g. 224, 392 or 448x336)")
     if config.iterations is None and config.epochs is None:
         raise InpformerError("set either --iterations or --epochs")
-    if not 0 <= config.val_fraction < 1:
-        raise InpformerError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
-    if not 0 < config.max_false_reject < 1:
-        raise InpformerError(f"--max-false-reject must be in (0, 1), got {config.max_false_reject}")
-    if config.train_tokens is not None and (not isinstance(config.train_tokens, int) or config.train_tokens < 1):
-        raise InpformerError(f"--train-tokens must be a count of at least 1, or 'all'; got {config.train_tokens!r}")
-    if config.batch_size < 1:
-        raise InpformerError(f"--batch-size must be at least 1, got {config.batch_size}")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")

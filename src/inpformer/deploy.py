@@ -4,6 +4,7 @@ export it, and predict files and folders into predictions.csv / .json, overlays,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from .data.images import MAX_PIXELS
 from .detector import INPFormer
 from .errors import InpformerError
 from .export import OnnxRuntime, export_onnx, quantize_int8
+from .files import output_file, output_folder, write_text_atomically
 from .inference import Failure, Prediction, Predictor, find_images
 from .report import GalleryItem, image_uri, write_report
 from .runs import log_to_file, read_run, select_models
@@ -62,8 +64,7 @@ def load_predictor(target: str | Path, runtime: str = "torch", model: str | None
         raise InpformerError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     path = resolve_model(target, model, category)
     if path.suffix == ".onnx":
-        onnx = OnnxRuntime(path, threads)
-        return Predictor(onnx, onnx.metadata)
+        return _onnx_predictor(path, threads)
     if runtime == "torch":
         if threads:
             torch.set_num_threads(threads)
@@ -71,17 +72,28 @@ def load_predictor(target: str | Path, runtime: str = "torch", model: str | None
     onnx_path = path.with_suffix(".int8.onnx" if runtime == "onnx-int8" else ".onnx")
     if not onnx_path.is_file() or onnx_path.stat().st_mtime < path.stat().st_mtime:
         export_model(path, onnx_path, int8=runtime == "onnx-int8")
-    onnx = OnnxRuntime(onnx_path, threads)
-    return Predictor(onnx, onnx.metadata)
+    return _onnx_predictor(onnx_path, threads)
+
+
+def _onnx_predictor(path: Path, threads: int | None) -> Predictor:
+    onnx = OnnxRuntime(path, threads)
+    try:
+        return Predictor(onnx, onnx.metadata)
+    except KeyError as error:
+        problem = f"no {error} entry"
+    except (TypeError, ValueError, AttributeError, InpformerError) as error:
+        problem = str(error).splitlines()[0][:200]
+    raise InpformerError(f"{path}: malformed inpformer metadata ({problem}); re-export with "
+                         "`inpformer export RUN_DIR --onnx FILE`")
 
 
 def export_model(checkpoint: str | Path, onnx_path: str | Path, int8: bool = False) -> Path:
     """Exports a checkpoint to one self-contained ONNX file (fp32, or int8 weights with `int8`)."""
+    onnx_path = output_file(onnx_path, "--onnx", ".onnx")
     detector = INPFormer.load(checkpoint)
     if detector.calibration is None:
         raise InpformerError(f"{checkpoint}: no calibrated thresholds (trained by an older version); run "
                              "`inpformer calibrate RUN_DIR` first")
-    onnx_path = Path(onnx_path)
     metadata, size = detector.metadata(), detector.config.deployment_geometry().crop_size
     if not int8:
         return export_onnx(detector.inference_graph(), onnx_path, size, metadata)
@@ -100,9 +112,11 @@ def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Pat
     is reported and skipped; returns (the predictions' JSON rows, the failures)."""
     if batch_size < 1:
         raise InpformerError(f"--batch-size must be at least 1, got {batch_size}")
-    out = Path(out)
+    if max_pixels < 1:
+        raise InpformerError(f"--max-pixels must be at least 1, got {max_pixels}")
+    out = output_folder(out, "--out")
     for folder in ("overlays", "masks"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
+        output_folder(out / folder, "--out")
     with log_to_file(out / "predict.log"):
         predictor = load_predictor(target, runtime, model, category)
         predictor.max_pixels = max_pixels
@@ -165,13 +179,12 @@ def _output_names(paths: Sequence[Path]) -> dict[str, str]:
 
 def _write_predictions(out: Path, rows: list[dict], failures: list[Failure]) -> None:
     content = {"predictions": rows, "failures": [{"source": f.source, "error": f.message} for f in failures]}
-    (out / "predictions.json").write_text(json.dumps(content, indent=2))
+    write_text_atomically(out / "predictions.json", json.dumps(content, indent=2))
     columns = ["source", "category", "score", "normalized_score", "threshold", "decision", "defect_pixels",
                "regions", "overlay", "mask", "error"]
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row | {"regions": len(row["regions"])})
-        for failure in failures:
-            writer.writerow({"source": failure.source, "error": failure.message})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(row | {"regions": len(row["regions"])} for row in rows)
+    writer.writerows({"source": failure.source, "error": failure.message} for failure in failures)
+    write_text_atomically(out / "predictions.csv", buffer.getvalue())

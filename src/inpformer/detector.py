@@ -267,18 +267,36 @@ class INPFormer:
                                  "retrain or pass the model file written by training") from None
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise InpformerError(f"{path}: not an inpformer checkpoint; pass the model file written by training")
+        try:
+            detector = cls._from_checkpoint(checkpoint)
+        except KeyError as error:
+            raise InpformerError(f"{path}: malformed checkpoint (no {error} entry); retrain or pass the model file "
+                                 "written by training") from None
+        except (TypeError, ValueError, AttributeError, RuntimeError, InpformerError) as error:
+            raise InpformerError(f"{path}: malformed checkpoint ({_short(error)}); retrain or pass the model file "
+                                 "written by training") from None
+        return detector
+
+    @classmethod
+    def _from_checkpoint(cls, checkpoint: dict) -> INPFormer:
+        if not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["state_dict"], dict):
+            raise TypeError("'config' and 'state_dict' must be dictionaries")
         detector = cls.from_config(config_from_dict(checkpoint["config"]))
+        if not isinstance(checkpoint["categories"], list) or not all(isinstance(c, str)
+                                                                    for c in checkpoint["categories"]):
+            raise TypeError("'categories' must be a list of names")
         detector.categories = list(checkpoint["categories"])
         detector.calibration = (Calibration.from_dict(checkpoint["calibration"])
                                 if checkpoint.get("calibration") else None)
-        detector.created = checkpoint.get("created", "")
-        detector.training_log = TrainingLog(**checkpoint["training"]) if checkpoint["training"] else None
+        detector.created = str(checkpoint.get("created", ""))
+        training = checkpoint.get("training") or {}
+        detector.training_log = TrainingLog(**training) if training else None
         detector.net = detector._build()
         missing, unexpected = detector.net.load_state_dict(checkpoint["state_dict"], strict=False)
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
-            raise InpformerError(f"{path}: checkpoint does not fit the model (missing {missing[:3]}, unexpected "
-                                 f"{unexpected[:3]}); it was written by an incompatible version")
+            raise ValueError(f"it does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; it was "
+                             "written by an incompatible version")
         detector.net.eval()
         return detector
 

@@ -66,10 +66,17 @@ def read_onnx_metadata(path: str | Path) -> dict:
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise InpformerError(f"{path}: ONNX model without inpformer metadata (not exported by inpformer); {_FIX}")
-    version = int(props.get(f"{METADATA_KEY}_format_version", 0))
-    if version != FORMAT_VERSION:
-        raise InpformerError(f"{path}: inpformer ONNX format {version}, this version reads {FORMAT_VERSION}; {_FIX}")
-    return json.loads(props[METADATA_KEY])
+    version = props.get(f"{METADATA_KEY}_format_version", "0")
+    if version != str(FORMAT_VERSION):
+        raise InpformerError(f"{path}: inpformer ONNX format {version[:20]!r}, this version reads {FORMAT_VERSION}; "
+                             f"{_FIX}")
+    try:
+        metadata = json.loads(props[METADATA_KEY])
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise InpformerError(f"{path}: the inpformer metadata is not a JSON object; {_FIX}")
+    return metadata
 
 
 class OnnxRuntime:

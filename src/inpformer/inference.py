@@ -126,7 +126,9 @@ class Predictor:
                                      metadata.get("resize_mode", "stretch"))
         tiles = metadata.get("tiling")
         self.tiling = parse_tiling(metadata["crop_size"], tiles["scale"], tiles["overlap"]) if tiles else None
-        self.top_ratio = metadata["config"]["top_ratio"]
+        self.top_ratio = float(metadata["config"]["top_ratio"])
+        if not 0 < self.top_ratio <= 1:
+            raise ValueError(f"top_ratio {self.top_ratio} is not in (0, 1]")
         self.max_pixels = max_pixels
 
     def predict(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,

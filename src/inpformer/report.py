@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from .files import write_text_atomically
 from .metrics import METRIC_NAMES
 
 THUMBNAIL_SIZE = 224
@@ -102,7 +103,7 @@ def write_report(path: str | Path, title: str, items: Sequence[GalleryItem], sum
     parts.append(f"<h2>Gallery ({len(items)} images, highest score first)</h2><div class='gallery'>")
     parts += [_card(i) for i in ordered]
     parts.append("</div>")
-    path.write_text(_PAGE.format(title=_e(title), body="\n".join(parts)), encoding="utf-8")
+    write_text_atomically(path, _PAGE.format(title=_e(title), body="\n".join(parts)))
     return path
 
 

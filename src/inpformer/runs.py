@@ -9,6 +9,9 @@
 Layout of RUN_DIR:
     run.json            setting, data sources, categories, config, model files
     models/<name>.pt    one checkpoint per category (single), all.pt (multi) or repeat-<i>.pt (few-shot)
+    INCOMPLETE          only while a (re)training replaces the run's files, or after it was interrupted doing so:
+                        such a run is refused. Training writes its checkpoints into .staging/ and replaces the
+                        old run in one short step at the end, so a killed training leaves the old run intact.
     train.log, test.log
     metrics.json, metrics.csv, scores.csv, maps.npz (with save_maps)   written by `test_run`
     zero-shot/          the same files for a zero-shot test
@@ -18,9 +21,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
+import os
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +45,7 @@ from .data.images import Sample, read_image
 from .detector import INPFormer, split_validation
 from .distributed import is_main_process
 from .errors import InpformerError
+from .files import output_folder, write_atomically, write_text_atomically
 from .metrics import METRIC_NAMES
 from .report import GalleryItem, image_uri, write_report
 from .results import Evaluation, ScoredImages, combine_repeats, merge
@@ -46,6 +53,8 @@ from .visualize import overlay, prediction_overlay
 
 log = logging.getLogger("inpformer")
 SETTINGS = ("single", "multi", "super-multi", "few-shot")
+INCOMPLETE, STAGING = "INCOMPLETE", ".staging"
+RESULT_FILES = ("metrics.json", "metrics.csv", "scores.csv", "maps.npz", "report.html", "zero-shot")  # of `test_run`
 
 
 @dataclass(frozen=True)
@@ -101,21 +110,21 @@ def load_samples(sources: Sequence[DataSource], split: str, categories: Sequence
 def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, setting: str = "single",
               categories: Sequence[str] | None = None, shots: int | None = None, repeats: int = 1,
               progress: bool = True) -> dict:
-    """Trains the detector(s) of a run and writes RUN_DIR/run.json; returns its content."""
-    if setting not in SETTINGS:
-        raise InpformerError(f"unknown --setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
-    if setting == "few-shot" and not shots:
-        raise InpformerError("--setting few-shot needs --shots K (images per category, e.g. 4)")
-    if setting == "super-multi" and len(sources) < 2:
-        raise InpformerError("--setting super-multi trains on several datasets: give --data ROOT1 ROOT2 ...")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Trains the detector(s) of a run and writes RUN_DIR/run.json; returns its content. Retraining into an existing
+    run replaces it only once every new model is trained (see the module's docstring)."""
+    _check_setting(setting, sources, shots, repeats)
+    out = output_folder(out, "--out")
+    staging = out / STAGING
     with log_to_file(out / "train.log"):
         samples = load_samples(sources, "train", categories)
         found = sorted({s.category for s in samples})
+        if not samples:
+            raise InpformerError(f"no good training images in {', '.join(s.root for s in sources)}; check --data")
         log.info("run %s: setting %s, %d categories (%s), %d training images", out, setting, len(found),
                  ", ".join(found), len(samples))
         plans = _training_plans(setting, samples, found, config.seed, shots, repeats)
+        if is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)  # what an interrupted training left
         models, seconds = {}, {}
         for name, (items, repeat) in plans.items():
             start = time.perf_counter()
@@ -124,16 +133,55 @@ def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, se
             detector.fit(items, augment=setting == "few-shot", progress=progress)
             file = Path("models") / f"{name}.pt"
             if is_main_process():  # the processes of a data-parallel run hold the same model
-                detector.save(out / file)
+                detector.save(staging / file)
             seconds[name] = time.perf_counter() - start
             models[name] = {"file": str(file), "categories": detector.categories, "repeat": repeat,
                             "training_images": [str(s.path) for s in items] if setting == "few-shot" else len(items)}
-            log.info("model %s: trained in %.1f min, saved %s", name, seconds[name] / 60, out / file)
+            log.info("model %s: trained in %.1f min", name, seconds[name] / 60)
         run = {"setting": setting, "data": [s.to_json() for s in sources], "categories": found, "shots": shots,
                "repeats": repeats, "models": models, "config": config.to_dict(), "train_seconds": seconds}
         if is_main_process():
-            (out / "run.json").write_text(json.dumps(run, indent=2))
+            _replace_run(out, run)
+            log.info("saved run %s (%s)", out, ", ".join(str(out / m["file"]) for m in models.values()))
     return run
+
+
+def _check_setting(setting: str, sources: Sequence[DataSource], shots: int | None, repeats: int) -> None:
+    if setting not in SETTINGS:
+        raise InpformerError(f"unknown --setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+    if setting == "few-shot":
+        if shots is None:
+            raise InpformerError("--setting few-shot needs --shots K (images per category, e.g. 4)")
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+            raise InpformerError(f"--shots must be at least 1, got {shots!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise InpformerError(f"--repeats must be at least 1, got {repeats!r}")
+    elif shots is not None or repeats != 1:
+        raise InpformerError(f"--shots and --repeats apply to --setting few-shot, not {setting}")
+    if setting == "super-multi" and len(sources) < 2:
+        raise InpformerError("--setting super-multi trains on several datasets: give --data ROOT1 ROOT2 ...")
+
+
+def _replace_run(out: Path, run: dict) -> None:
+    """Moves the staged checkpoints into place and writes run.json. The INCOMPLETE marker covers the few
+    milliseconds in which the run holds a mix of old and new files; files of the old run that the new one does not
+    have (models, their ONNX exports, test results) are removed, since they no longer describe it."""
+    marker = out / INCOMPLETE
+    write_text_atomically(marker, f"training replaced this run's files at {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                                  f"(pid {os.getpid()}) and was interrupted; retrain into this folder\n")
+    old_files = set((out / "models").glob("*")) if (out / "models").is_dir() else set()
+    stale_results = [out / name for name in RESULT_FILES if (out / name).exists()]
+    (out / "models").mkdir(exist_ok=True)
+    for info in run["models"].values():
+        os.replace(out / STAGING / info["file"], out / info["file"])
+        old_files.discard(out / info["file"])  # the rest, ONNX exports included, belongs to the old models
+    for path in sorted(old_files) + stale_results:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale_results:
+        log.info("removed the previous models' results: %s", ", ".join(p.name for p in stale_results))
+    write_text_atomically(out / "run.json", json.dumps(run, indent=2))
+    marker.unlink()
+    shutil.rmtree(out / STAGING, ignore_errors=True)
 
 
 def _training_plans(setting: str, samples: list[Sample], categories: list[str], seed: int, shots: int | None,
@@ -147,19 +195,44 @@ def _training_plans(setting: str, samples: list[Sample], categories: list[str], 
 
 
 def read_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run.json"
+    """run.json of a complete run, checked: every model file it names lies inside the run directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if (run_dir / INCOMPLETE).is_file():
+        raise InpformerError(f"{run_dir}: incomplete run (a training into it was interrupted while replacing its "
+                             f"files); retrain with `inpformer train ... --out {run_dir}`")
     if not path.is_file():
-        raise InpformerError(f"{path}: not found; pass a run directory written by `inpformer train --out RUN_DIR`")
+        hint = " (its training is still running or was interrupted)" if (run_dir / STAGING).is_dir() else ""
+        raise InpformerError(f"{path}: not found{hint}; pass a run directory written by "
+                             "`inpformer train --out RUN_DIR`")
     try:
         run = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InpformerError(f"{path}: unreadable run file ({error}); retrain into a new --out folder") from None
-    valid = (isinstance(run, dict) and isinstance(run.get("models"), dict)
-             and isinstance(run.get("data"), list) and all(isinstance(d, dict) and "root" in d for d in run["data"]))
-    if not valid:
-        raise InpformerError(f"{path}: not a run file of this version (needs 'models' and 'data' entries); "
-                             "retrain into a new --out folder")
+    problem = _run_problem(run, run_dir)
+    if problem:
+        raise InpformerError(f"{path}: {problem}; retrain into a new --out folder")
     return run
+
+
+def _run_problem(run: object, run_dir: Path) -> str | None:
+    """What makes `run` not a valid run.json of `run_dir`, or None."""
+    if not isinstance(run, dict) or not isinstance(run.get("models"), dict) or not run["models"]:
+        return "not a run file of this version (needs a 'models' entry)"
+    if not isinstance(run.get("data"), list) or not all(isinstance(d, dict) and isinstance(d.get("root"), str)
+                                                        for d in run["data"]):
+        return "not a run file of this version (needs a 'data' list of sources)"
+    inside = run_dir.resolve()
+    for name, info in run["models"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not isinstance(
+                info.get("categories"), list) or not all(isinstance(c, str) for c in info["categories"]):
+            return f"model {name!r} needs a 'file' and a list of 'categories'"
+        if not isinstance(info.get("repeat", 0), int):
+            return f"model {name!r}: 'repeat' must be an integer"
+        file = Path(info["file"])
+        if file.is_absolute() or ".." in file.parts or not (run_dir / file).resolve().is_relative_to(inside):
+            return f"model {name!r}: file {info['file']!r} lies outside the run directory, which is refused"
+    return None
 
 
 def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
@@ -174,13 +247,18 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
     run = read_run(run_dir)
     models = select_models(run, model, zero_shot)
     sources = sources or [DataSource(**d) for d in run["data"]]
-    out = Path(out) if out else run_dir / "zero-shot" if zero_shot else run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(sources, "test", categories)
+    roots = ", ".join(s.root for s in sources)
+    if not samples:
+        raise InpformerError(f"no labelled test images in {roots}; add a test split (or --data-test-good / "
+                             "--data-test-defect for plain folders)")
+    known = {c for info in models.values() for c in info["categories"]}
+    if not zero_shot and not known & {s.category for s in samples}:
+        raise InpformerError(f"{run_dir}: none of the run's categories ({', '.join(sorted(known))}) is in {roots} "
+                             f"(found: {', '.join(sorted({s.category for s in samples}))}); pass the data the run "
+                             "was trained on with --data, or use --zero-shot for unseen categories")
+    out = output_folder(out if out else run_dir / "zero-shot" if zero_shot else run_dir, "--out")
     with log_to_file(out / "test.log"):
-        samples = load_samples(sources, "test", categories)
-        if not samples:
-            raise InpformerError(f"no labelled test images in {', '.join(s.root for s in sources)}; "
-                                 "add a test split (or --data-test-good / --data-test-defect for plain folders)")
         by_repeat: dict[int, list[Evaluation]] = {}
         gallery: list[GalleryItem] = []
         thresholds: dict[str, str] = {}
@@ -189,6 +267,10 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
             detector = INPFormer.load(run_dir / info["file"])
             wanted = None if zero_shot else set(info["categories"])
             items = [s for s in samples if wanted is None or s.category in wanted]
+            if not items:
+                log.warning("model %s: no test images of its categories (%s) in %s", name,
+                            ", ".join(info["categories"]), roots)
+                continue
             log.info("model %s: testing on %d images%s", name, len(items), " (zero-shot)" if zero_shot else "")
             evaluation = detector.evaluate(items, zero_shot=zero_shot, progress=progress,
                                            keep_maps=save_maps or report)
@@ -300,20 +382,18 @@ def _warn_missing_metrics(evaluation: Evaluation) -> None:
 def write_results(run_dir: Path, evaluation: Evaluation, save_maps: bool) -> None:
     """metrics.json / metrics.csv (fractions; null / empty where not computable), scores.csv per image and,
     optionally, maps.npz with the exact maps and masks the metrics used."""
-    (run_dir / "metrics.json").write_text(json.dumps(evaluation.to_json(), indent=2))
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["category", *METRIC_NAMES, *(f"{m} std" for m in METRIC_NAMES if evaluation.std)])
-        for name, values, std in evaluation.rows():
-            cells = [values[m] for m in METRIC_NAMES] + ([std[m] for m in METRIC_NAMES] if std else [])
-            writer.writerow([name, *("" if np.isnan(v) else f"{v:.6f}" for v in cells)])
+    write_text_atomically(run_dir / "metrics.json", json.dumps(evaluation.to_json(), indent=2))
+    rows = [["category", *METRIC_NAMES, *(f"{m} std" for m in METRIC_NAMES if evaluation.std)]]
+    for name, values, std in evaluation.rows():
+        cells = [values[m] for m in METRIC_NAMES] + ([std[m] for m in METRIC_NAMES] if std else [])
+        rows.append([name, *("" if np.isnan(v) else f"{v:.6f}" for v in cells)])
+    write_text_atomically(run_dir / "metrics.csv", _csv(rows))
     images = evaluation.images
-    with open(run_dir / "scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "category", "defect_type", "label", "score"])
-        for scored in images:
-            for sample, score in zip(scored.samples, scored.scores, strict=True):
-                writer.writerow([sample.path, sample.category, sample.defect_type, sample.label, f"{score:.6f}"])
+    rows = [["path", "category", "defect_type", "label", "score"]]
+    for scored in images:
+        for sample, score in zip(scored.samples, scored.scores, strict=True):
+            rows.append([sample.path, sample.category, sample.defect_type, sample.label, f"{score:.6f}"])
+    write_text_atomically(run_dir / "scores.csv", _csv(rows))
     if save_maps:
         maps = [m.astype(np.float32) for i in images for m in i.maps]
         masks = [m.astype(np.uint8) for i in images for m in i.masks]
@@ -321,14 +401,25 @@ def write_results(run_dir: Path, evaluation: Evaluation, save_maps: bool) -> Non
             arrays = {"maps": np.stack(maps), "masks": np.stack(masks)}
         else:  # tiled models: each image's stitched map has that image's size
             arrays = {f"{kind}_{n}": m for kind, items in (("map", maps), ("mask", masks)) for n, m in enumerate(items)}
-        np.savez_compressed(
-            run_dir / "maps.npz",
-            paths=np.array([str(s.path) for i in images for s in i.samples]),
-            categories=np.array([s.category for i in images for s in i.samples]),
-            labels=np.array([s.label for i in images for s in i.samples], dtype=np.uint8),
-            scores=np.concatenate([i.scores for i in images]).astype(np.float32),
+        columns = {
+            "paths": np.array([str(s.path) for i in images for s in i.samples]),
+            "categories": np.array([s.category for i in images for s in i.samples]),
+            "labels": np.array([s.label for i in images for s in i.samples], dtype=np.uint8),
+            "scores": np.concatenate([i.scores for i in images]).astype(np.float32),
             **arrays,
-        )
+        }
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as file:  # a file object: given a name, numpy would append ".npz" to it
+                np.savez_compressed(file, **columns)
+
+        write_atomically(run_dir / "maps.npz", save)
+
+
+def _csv(rows: list[list]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
 
 
 class log_to_file:

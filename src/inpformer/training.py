@@ -263,7 +263,8 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         optimizer.step()
         value = distributed.average(loss.detach()).item()
         if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged at step {step}: loss is {value}")
+            raise InpformerError(f"training diverged at step {step + 1} of {iterations}: the loss is {value}; "
+                                 f"try a lower --lr (now {config.lr:g}) or --grad-clip (now {config.grad_clip:g})")
         training_log.losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{schedule[step]:.1e}")
         if step % 50 == 0 or step == iterations - 1:
