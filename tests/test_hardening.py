@@ -82,6 +82,14 @@ def test_out_that_is_a_file_or_under_a_file(dataset, tmp_path, capsys):
     assert file.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("rate", ["nan", "2", "0"])
+def test_calibrate_checks_its_rate(run, capsys, rate):
+    before = (run / "models" / "bolt.pt").read_bytes()
+    assert main(["calibrate", str(run), "--max-false-reject", rate, "--quiet"]) == 2
+    one_line_error(capsys, "--max-false-reject")
+    assert (run / "models" / "bolt.pt").read_bytes() == before
+
+
 def test_predict_and_export_outputs_are_checked(run, dataset, tmp_path, capsys):
     image = next((dataset / "bolt" / "test" / "good").iterdir())
     assert main(["predict", str(run / "models" / "bolt.pt"), str(image), "--out", "/dev/null/x", "--quiet"]) == 2
@@ -157,7 +165,9 @@ def test_malformed_onnx_metadata_is_a_one_line_error(run, dataset, tmp_path, cap
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"models": {"bolt": {"file": 5}}, "data": []}',
-                                     '{"models": {}, "data": []}', '{"models": {"a": {"file": "a.pt"}}, "data": 3}'])
+                                     '{"models": {}, "data": []}', '{"models": {"a": {"file": "a.pt"}}, "data": 3}',
+                                     '{"models": {"a": {"file": "a.pt", "categories": []}}, "data": [{"root": "/", '
+                                     '"colour": "red"}]}'])
 def test_malformed_run_files_are_one_line_errors(run, capsys, content):
     (run / "run.json").write_text(content)
     assert main(["test", str(run), "--quiet"]) == 2

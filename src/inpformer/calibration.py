@@ -106,6 +106,8 @@ def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray,
     """
     if method not in METHODS:
         raise InpformerError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
+    if not 0 < max_false_reject < 1:  # also refuses NaN
+        raise InpformerError(f"--max-false-reject must be in (0, 1), got {max_false_reject}")
     categories = np.asarray(categories)
     labels = np.asarray(labels)
     groups = {"": np.ones(len(labels), dtype=bool)} | {c: categories == c for c in sorted(set(categories.tolist()))}

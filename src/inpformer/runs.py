@@ -219,9 +219,11 @@ def _run_problem(run: object, run_dir: Path) -> str | None:
     """What makes `run` not a valid run.json of `run_dir`, or None."""
     if not isinstance(run, dict) or not isinstance(run.get("models"), dict) or not run["models"]:
         return "not a run file of this version (needs a 'models' entry)"
-    if not isinstance(run.get("data"), list) or not all(isinstance(d, dict) and isinstance(d.get("root"), str)
-                                                        for d in run["data"]):
-        return "not a run file of this version (needs a 'data' list of sources)"
+    fields = {f.name for f in dataclasses.fields(DataSource)}
+    if not isinstance(run.get("data"), list) or not all(
+            isinstance(d, dict) and isinstance(d.get("root"), str) and set(d) <= fields
+            and all(isinstance(v, str) for v in d.values()) for d in run["data"]):
+        return f"not a run file of this version (needs a 'data' list of sources with the entries {sorted(fields)})"
     inside = run_dir.resolve()
     for name, info in run["models"].items():
         if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not isinstance(
