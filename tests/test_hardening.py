@@ -12,6 +12,7 @@ from synthetic import make_mvtec
 
 from inpformer import INPFormer
 from inpformer.cli import main
+from inpformer.errors import InpformerError
 from inpformer.files import write_atomically
 
 TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "20",
@@ -137,7 +138,7 @@ def test_a_checkpoint_with_broken_thresholds_is_refused(run, tmp_path):
     checkpoint = torch.load(run / "models" / "bolt.pt", weights_only=True)
     checkpoint["calibration"]["thresholds"][""]["image"] = "high"
     torch.save(checkpoint, tmp_path / "m.pt")
-    with pytest.raises(Exception, match="m.pt: malformed checkpoint .*thresholds"):
+    with pytest.raises(InpformerError, match=r"m\.pt: malformed checkpoint .*thresholds"):
         INPFormer.load(tmp_path / "m.pt")
 
 
