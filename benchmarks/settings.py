@@ -5,6 +5,8 @@ categories, `--repeats` independent draws reported as mean ± std. Zero-shot: ea
 (by default the one `benchmarks/accuracy.py` wrote; trained here if missing) applied to the other category.
 
     python benchmarks/settings.py --data ../shared/datasets --out runs/settings
+    # the previous cpu preset, few-shot only (the before/after table of the few-shot expansion in docs/)
+    python benchmarks/settings.py --image-size 224 --resize-mode stretch --train-tokens all --no-zero-shot
 """
 
 from __future__ import annotations
@@ -25,24 +27,31 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200, help="few-shot optimizer steps per model")
     parser.add_argument("--single-run", default="runs/accuracy/single",
                         help="run with one model per category, for zero-shot (trained if missing)")
+    parser.add_argument("--image-size", help="override the cpu preset's input size, e.g. 224")
+    parser.add_argument("--resize-mode", choices=("stretch", "pad"))
+    parser.add_argument("--train-tokens", help="a count or 'all'")
+    parser.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
     parser.add_argument("--out", default="runs/settings")
     args = parser.parse_args()
+    tokens = args.train_tokens
+    overrides = {"image_size": args.image_size, "resize_mode": args.resize_mode,
+                 "train_tokens": int(tokens) if tokens and tokens.isdigit() else tokens}
 
     sources = [DataSource(args.data)]
     categories = args.categories.split(",")
     results: list[tuple[str, Evaluation]] = []
     for shots in map(int, args.shots.split(",")):
         run_dir = Path(args.out) / f"{shots}-shot"
-        config = make_config("cpu", iterations=args.iterations)
+        config = make_config("cpu", iterations=args.iterations, **overrides)
         train_run(sources, run_dir, config, "few-shot", categories, shots=shots, repeats=args.repeats,
                   progress=False)
         results.append((f"{shots}-shot ({args.repeats} draws, {args.iterations} it)",
                         test_run(run_dir, progress=False)))
 
     single = Path(args.single_run)
-    if not (single / "run.json").is_file():
-        train_run(sources, single, make_config("cpu"), "single", categories, progress=False)
-    for source_category in categories:
+    if args.zero_shot and not (single / "run.json").is_file():
+        train_run(sources, single, make_config("cpu", **overrides), "single", categories, progress=False)
+    for source_category in categories if args.zero_shot else []:
         for target in categories:
             if target != source_category:
                 evaluation = test_run(single, sources, [target], model=source_category, zero_shot=True,

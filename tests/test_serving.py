@@ -1,5 +1,6 @@
 """The HTTP service: every endpoint and every bad input, with FastAPI's TestClient and a tiny trained model."""
 
+import asyncio
 import base64
 import io
 import threading
@@ -11,10 +12,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from synthetic import make_mvtec
 
-from inpformer import INPFormer, load_mvtec
+from inpformer import INPFormer, load_mvtec, serving
 from inpformer.cli import main
 from inpformer.deploy import load_predictor
-from inpformer.serving import API_KEY_ENV, Batcher, Busy, Settings, create_app
+from inpformer.serving import API_KEY_ENV, Batcher, Busy, PixelBudget, Settings, create_app
 
 _trained: dict[str, str] = {}
 
@@ -189,7 +190,8 @@ def test_health_model_and_openapi(serve, predictor):
         health = client.get("/health").json()
         model = client.get("/model").json()
         schema = client.get("/openapi.json").json()
-    assert health == {"status": "ok", "queued": 0, "queue_size": 64}
+    assert health == {"status": "ok", "queued": 0, "queue_size": 64, "inflight_pixels": 0,
+                      "max_inflight_pixels": 16_000_000}
     assert model["backbone"] == "tiny_random" and model["categories"] == ["plate"]
     assert (model["image_size"], model["crop_size"]) == (70, 70)  # deployed: the whole image, never a crop
     assert model["thresholds"]["plate"]["image"] == pytest.approx(predictor.calibration.thresholds["plate"].image)
@@ -286,3 +288,215 @@ def test_page_is_served_and_needs_nothing_online(serve):
 def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "inpformer: error:" in capsys.readouterr().err
+
+
+def bomb(width: int = 7000, height: int = 7000) -> bytes:
+    """A 1-bit PNG of a few KB that decodes to width x height RGB pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[str]:
+    """The names of the images the service decodes."""
+    names = []
+
+    def spy(data, max_pixels, name, formats):
+        names.append(name)
+        return read_image(data, max_pixels, name, formats)
+
+    read_image = serving.read_image
+    monkeypatch.setattr(serving, "read_image", spy)
+    return names
+
+
+def test_pixel_bombs_are_refused_before_decoding(serve, decodes):
+    data = bomb()
+    assert len(data) < 10_000
+    with serve() as client:
+        alone = client.post("/predict", content=data)
+        many = client.post("/predict", files=[("files", (f"{i}.png", data, "image/png")) for i in range(32)])
+        pair = client.post("/predict", files=[("files", (f"{i}.png", bomb(5000, 3000), "image/png"))
+                                              for i in range(2)])
+        health = client.get("/health").json()
+    assert alone.status_code == 400 and "too large: 7000x7000 pixels, limit 16000000" in alone.json()["error"]
+    assert many.status_code == 400 and all("too large" in r["error"] for r in many.json()["results"])
+    assert pair.status_code == 413 and pair.json()["error"] == (
+        "request too large: its images have 30000000 pixels, over the limit of 16000000 per request; send fewer or "
+        "smaller images (server option --max-request-pixels)")
+    assert decodes == [] and health["inflight_pixels"] == 0
+
+
+def test_pixels_in_flight_are_bounded_server_wide_before_decoding(serve, predictor, decodes):
+    gated = Gated(predictor)
+    with serve(gated, max_inflight_pixels=3000) as client:
+        responses = {}
+
+        def post(name, height, width):
+            responses[name] = client.post(f"/predict?name={name}", content=png_bytes(height, width))
+
+        threads = [threading.Thread(target=post, args=("first", 40, 40))]
+        threads[0].start()
+        assert gated.entered.wait(30)
+        threads.append(threading.Thread(target=post, args=("small", 20, 20)))  # fits beside the first
+        threads[1].start()
+        wait_until(lambda: client.get("/health").json()["queued"] == 1)
+        assert client.get("/health").json()["inflight_pixels"] == 2000  # decoded: in inference and queued
+        post("refused", 40, 40)
+        gated.gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert client.get("/health").json()["inflight_pixels"] == 0
+        post("again", 40, 40)
+    assert [responses[name].status_code for name in ("first", "small", "refused", "again")] == [200, 200, 503, 200]
+    assert responses["refused"].headers["retry-after"] == "1"
+    assert responses["refused"].json()["error"] == ("busy: 2000 of 3000 image pixels are in flight (server option "
+                                                    "--max-inflight-pixels); retry later")
+    assert decodes == ["first", "small", "again"]  # never the refused image
+
+
+def test_pixels_go_back_after_every_kind_of_answer(serve, predictor):
+    gated = Gated(predictor, fail=True)
+    gated.gate.set()
+    with serve(gated, max_request_pixels=1000) as client:
+        statuses = [client.post("/predict", content=png_bytes(20, 20)).status_code,  # inference fails
+                    client.post("/predict", content=b"junk").status_code,
+                    client.post("/predict", content=png_bytes(40, 40)).status_code]
+        health = client.get("/health").json()
+    assert statuses == [500, 400, 413] and health["inflight_pixels"] == 0
+
+
+def test_a_cancelled_request_keeps_its_pixels_until_its_threads_are_done():
+    async def scenario():
+        budget = PixelBudget(100)
+        lease = budget.take(60)
+        decoding, release = threading.Event(), threading.Event()
+
+        def decode():
+            decoding.set()
+            assert release.wait(30)
+
+        async def request():
+            try:
+                await lease.run(decode)
+            finally:
+                lease.close()
+
+        task = asyncio.create_task(request())
+        while not decoding.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        held = budget.used
+        release.set()
+        while budget.used:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Busy, match="--max-inflight-pixels"):
+            budget.take(101)
+        return held
+
+    assert asyncio.run(scenario()) == 60  # the pixels stayed taken while the thread still decoded
+
+
+def test_a_cancelled_request_does_not_stop_the_inference_thread(predictor):
+    gated = Gated(predictor)
+    batcher = Batcher(gated, max_batch=1, max_wait=0, capacity=8)
+    budget = PixelBudget(100)
+    lease = budget.take(10)
+    held = batcher.submit([np.zeros((8, 8, 3), np.uint8)], ["held"], None)
+    assert gated.entered.wait(30)
+    [gone] = batcher.submit([np.zeros((8, 8, 3), np.uint8)], ["gone"], None)
+    lease.watch([gone])
+    assert gone.cancel()  # as asyncio.wrap_future does when its request is cancelled
+    lease.close()
+    gated.gate.set()
+    later = batcher.submit([np.zeros((8, 8, 3), np.uint8)], ["later"], None)
+    assert [f.result(30).source for f in held + later] == ["held", "later"]
+    assert gated.batches == [1, 1] and not batcher.dead and budget.used == 0  # the cancelled image never ran
+    batcher.close()
+
+
+def test_a_stopped_inference_thread_makes_health_fail(serve, monkeypatch):
+    def broken(self, jobs, category):
+        raise RuntimeError("a bug in the batching code")
+
+    monkeypatch.setattr(Batcher, "_run", broken)
+    with serve() as client:
+        [future] = client.app.state.batcher.submit([np.zeros((8, 8, 3), np.uint8)], ["x"], None)
+        with pytest.raises(RuntimeError, match="inference thread stopped"):
+            future.result(30)
+        health = client.get("/health")
+        refused = client.post("/predict", content=png_bytes())
+    assert health.status_code == 503 and health.json()["status"] == "dead"
+    assert refused.status_code == 503 and "restart" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(("path", "status", "echo"), [
+    ("/predict?category={0}", 400, "unknown category '{0}'"),
+    ("/predict?category={path:>50000000}", 400, "unknown category '{path:>50000000}'"),
+    ("/predict?category=" + "c" * 5000, 400, "unknown category '" + "c" * 99 + "…'"),
+    ("/{0}{path:>50000000}", 404, "no such endpoint: /{0}{path:>50000000} (see /openapi.json)"),
+    ("/" + "p" * 5000, 404, "no such endpoint: /" + "p" * 98 + "…"),
+    ("/predict?overlay=" + "x" * 5000, 422, "query.overlay: Input should be a valid boolean"),
+    ("/predict?name=" + "n" * 5000, 400, "n" * 99 + "…: cannot read image"),
+])
+def test_client_text_is_echoed_verbatim_and_bounded(serve, path, status, echo):
+    with serve() as client:
+        method = "get" if status == 404 else "post"
+        response = client.request(method, path, content=b"junk")
+    assert response.status_code == status and echo in response.json()["error"]
+    assert len(response.content) < 1000
+
+
+def test_file_names_are_echoed_bounded(serve):
+    with serve() as client:
+        response = client.post("/predict", files=[("files", ("f" * 900 + ".png", b"junk", "image/png"))])
+    [result] = response.json()["results"]
+    assert result["source"] == "f" * 99 + "…" and len(response.content) < 1000
+
+
+@pytest.mark.parametrize("content_type", ["Multipart/Form-Data; boundary=XyZ", "MULTIPART/FORM-DATA ;  boundary=XyZ",
+                                          "multipart/form-data; charset=utf-8; boundary=\"XyZ\""])
+def test_multipart_media_type_is_case_insensitive_and_parsed(serve, content_type):
+    data = png_bytes(24, 24)
+    body = (b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--XyZ--\r\n")
+    with serve() as client:
+        response = client.post("/predict", content=body, headers={"content-type": content_type})
+    assert response.status_code == 200 and response.json()["results"][0]["source"] == "a.png"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--max-upload-mb", "nan"], "--max-upload-mb must be a finite number > 0, got nan"),
+    (["--max-upload-mb", "inf"], "--max-upload-mb must be a finite number > 0, got inf"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0"),
+    (["--max-upload-mb", "-1"], "--max-upload-mb must be a finite number > 0, got -1"),
+    (["--max-pixels", "0"], "--max-pixels must be a whole number of at least 1, got 0"),
+    (["--max-request-pixels", "-3"], "--max-request-pixels must be a whole number of at least 1, got -3"),
+    (["--max-inflight-pixels", "0"], "--max-inflight-pixels must be a whole number of at least 1, got 0"),
+    (["--max-batch", "0"], "--max-batch must be a whole number of at least 1, got 0"),
+    (["--queue-size", "0"], "--queue-size must be a whole number of at least 1, got 0"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--port", "70000"], "--port must be a TCP port, 0 to 65535, got 70000"),
+    (["--api-key-file", "/nonexistent/key"], "--api-key-file /nonexistent/key: cannot read it (No such file"),
+    (["--api-key", "k", "--api-key-file", "f"], "give --api-key-file or --api-key, not both"),
+])
+def test_serve_options_are_checked_in_one_line(tmp_path, capsys, options, message):
+    assert main(["serve", str(tmp_path / "model.pt"), *options]) == 2  # checked before the model is loaded
+    err = capsys.readouterr().err
+    assert err.startswith(f"inpformer: error: {message}") and err.count("\n") == 1
+
+
+def test_api_key_file(tmp_path, capsys, monkeypatch):
+    served = []
+    monkeypatch.setattr(serving, "serve", lambda *args: served.append(args[-1]))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert main(["serve", "run", "--api-key-file", str(key)]) == 0
+    assert served[0].api_key == "s3cret"
+    key.write_text("\n")
+    assert main(["serve", "run", "--api-key-file", str(key)]) == 2
+    assert capsys.readouterr().err == f"inpformer: error: --api-key-file {key} is empty; write the key into it\n"

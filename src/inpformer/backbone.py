@@ -6,6 +6,7 @@ import copy
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from pathlib import Path
 import platformdirs
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -68,9 +69,7 @@ class Encoder(nn.Module):
             )
         # the pretrained position embedding, from which every input size is resampled (never one from another)
         self.source_pos_embed, self.source_grid = vit.pos_embed.detach(), tuple(vit.patch_embed.grid_size)
-        vit.blocks = vit.blocks[: max(layers) + 1]
-        vit.norm, vit.fc_norm, vit.head = nn.Identity(), nn.Identity(), nn.Identity()
-        self.vit = vit.requires_grad_(False)
+        self.vit = _truncate(vit, max(layers) + 1).requires_grad_(False)
         self.layers, self.patch_size = tuple(layers), patch
         self.embed_dim, self.num_heads = vit.embed_dim, vit.blocks[0].attn.num_heads
         self._set_input_size(img_size)
@@ -78,12 +77,17 @@ class Encoder(nn.Module):
 
     def _set_input_size(self, img_size: Size) -> None:
         self.vit.patch_embed.set_input_size(img_size=img_size)
-        # resampled once, without antialiasing like DINOv2 itself (timm's set_input_size would antialias)
-        self.vit.pos_embed = nn.Parameter(resample_abs_pos_embed(
-            self.source_pos_embed, new_size=list(self.vit.patch_embed.grid_size), old_size=list(self.source_grid),
-            num_prefix_tokens=0 if self.vit.no_embed_class else self.vit.num_prefix_tokens, antialias=False,
+        # computed once per input size (a constant in an ONNX export), as DINOv2 computes it at every forward pass
+        self.vit.pos_embed = nn.Parameter(dinov2_pos_embed(
+            self.source_pos_embed, self.source_grid, tuple(self.vit.patch_embed.grid_size),
+            num_prefix_tokens=0 if self.vit.no_embed_class else self.vit.num_prefix_tokens,
         ), requires_grad=False)
         self.img_size = img_size
+
+    def weights(self) -> dict[str, Tensor]:
+        """What `build_encoder` rebuilds this encoder from: the weights of the blocks it uses, with the pretrained
+        position embedding (timm names)."""
+        return {**self.vit.state_dict(), "pos_embed": self.source_pos_embed}
 
     def resized(self, img_size: int | Size) -> Encoder:
         """The same encoder for another input size: shares the transformer blocks (no copy of their weights),
@@ -116,25 +120,65 @@ class Encoder(nn.Module):
         return [outputs[i] for i in self.layers]
 
 
+def dinov2_pos_embed(pos_embed: Tensor, grid: Size, new_grid: Size, num_prefix_tokens: int = 1,
+                     offset: float = 0.1) -> Tensor:
+    """The position embedding `pos_embed` (pretrained for a `grid` of rows x columns of patches) for `new_grid`,
+    exactly as DINOv2's `interpolate_pos_encoding`: bicubic, no antialiasing, with a scale factor per axis of
+    (new side + `offset`) / side rather than an output size, so the sampled positions are DINOv2's own; the
+    pretrained grid itself is kept as is. The `num_prefix_tokens` leading entries (class token) are not resampled."""
+    if tuple(new_grid) == tuple(grid):
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    patches = patches.float().reshape(1, *grid, dim).permute(0, 3, 1, 2)
+    # DINOv2 divides by sqrt(N) for both axes; that is the side of its square pretrained grid
+    scale = tuple((side + offset) / math.sqrt(grid[0] * grid[1]) for side in new_grid)
+    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def _truncate(vit: VisionTransformer, depth: int) -> VisionTransformer:
+    """`vit` without its blocks after the first `depth`, its final norm and its head."""
+    vit.blocks = vit.blocks[:depth]
+    vit.norm, vit.fc_norm, vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+    return vit
+
+
 def load_encoder(name: str, img_size: int | Size, weights: str | Path | None = None) -> tuple[Encoder, str]:
     """Build the frozen encoder `name` at `img_size`; returns it with a description of the weight source."""
-    if name not in BACKBONES:
-        raise InpformerError(f"--backbone {name}: unknown backbone; choose one of {', '.join(BACKBONES)}")
-    spec = BACKBONES[name]
+    spec = backbone_spec(name)
     if weights is not None:
         state, source = _read_weights_file(Path(weights)), f"file {weights}"
     elif spec.hub_id is None:
         state, source = None, _TINY_SOURCE
     else:
         state, source = _find_weights(name, spec)
+    log.info("backbone %s: weights from %s", name, source)
+    return build_encoder(name, img_size, state, source), source
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry of backbone `name`, or an InpformerError naming the choices."""
+    if name not in BACKBONES:
+        raise InpformerError(f"--backbone {name}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_encoder(name: str, img_size: int | Size, state: dict[str, Tensor] | None, source: str,
+                  fix: str = "pass weights of the chosen --backbone") -> Encoder:
+    """The frozen encoder `name` at `img_size` with the weights `state` (timm or Meta DINOv2 names; the blocks
+    the encoder does not use may be missing), or tiny_random's seeded random weights for None. Weights that do
+    not fit raise an InpformerError naming `source` and ending with `fix`."""
+    spec = backbone_spec(name)
     # weights to load: build on the meta device and skip the costly random init
     with torch.random.fork_rng(devices=[]), torch.device("cpu" if state is None else "meta"):
         torch.manual_seed(0)  # reproducible random init for tiny_random
-        vit = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
+        vit = _truncate(timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs),
+                        max(spec.layers) + 1)
     if state is not None:
-        _load_into(vit, state, source)
-    log.info("backbone %s: weights from %s", name, source)
-    return Encoder(vit, spec.layers, img_size), source
+        _load_into(vit, state, source, fix)
+    return Encoder(vit, spec.layers, img_size)
 
 
 def _read_weights_file(path: Path) -> dict[str, Tensor]:
@@ -155,8 +199,15 @@ def _read_weights_file(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _load_into(vit: VisionTransformer, state: dict[str, Tensor], source: str) -> None:
-    state = checkpoint_filter_fn(dict(state), vit, antialias=False)  # maps Meta DINOv2 names to timm's
+def _load_into(vit: VisionTransformer, state: dict[str, Tensor], source: str, fix: str) -> None:
+    """Loads `state` into the truncated `vit`, ignoring the weights of the parts it dropped."""
+    architecture = vit.pretrained_cfg.get("architecture")
+    try:
+        state = checkpoint_filter_fn(dict(state), vit, antialias=False)  # maps Meta DINOv2 names to timm's
+    except Exception as error:  # e.g. the position embedding of a ViT with registers given to one without
+        raise InpformerError(f"{source}: weights do not fit {architecture} (converting them failed: "
+                             f"{type(error).__name__}); {fix}") from None
+    state = {k: v for k, v in state.items() if not _dropped(k, len(vit.blocks))}
     expected = vit.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [k for k in expected.keys() & state.keys()
@@ -164,11 +215,15 @@ def _load_into(vit: VisionTransformer, state: dict[str, Tensor], source: str) ->
     if missing or unexpected or wrong:
         details = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if v]
-        raise InpformerError(
-            f"{source}: weights do not fit {vit.pretrained_cfg.get('architecture')} ({', '.join(details)}); "
-            "pass weights of the chosen --backbone"
-        )
+        raise InpformerError(f"{source}: weights do not fit {architecture} ({', '.join(details)}); {fix}")
     vit.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+
+
+def _dropped(key: str, depth: int) -> bool:
+    """Whether `key` (timm name) belongs to a part `_truncate` removed."""
+    parts = key.split(".")
+    return parts[0] in ("norm", "fc_norm", "head") or (
+        parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= depth)
 
 
 class _Unavailable(InpformerError):

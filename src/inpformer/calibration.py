@@ -57,6 +57,7 @@ class Calibration:
 
     thresholds: dict[str, Thresholds]
     centroids: dict[str, list[float]] = field(default_factory=dict)
+    source: str = ""  # which images set the thresholds, in words (shown by test, predict and serve)
 
     def for_category(self, category: str | None) -> Thresholds:
         if category is None:
@@ -75,7 +76,8 @@ class Calibration:
         return [names[i] for i in similarity.argmax(axis=1)]
 
     def to_dict(self) -> dict:
-        return {"thresholds": {c: asdict(t) for c, t in self.thresholds.items()}, "centroids": self.centroids}
+        return {"thresholds": {c: asdict(t) for c, t in self.thresholds.items()}, "centroids": self.centroids,
+                "source": self.source}
 
     @classmethod
     def from_dict(cls, values: dict) -> Calibration:
@@ -92,7 +94,7 @@ class Calibration:
         if len({len(c) for c in centroids.values()}) > 1 or not all(
                 isinstance(v, (int, float)) for c in centroids.values() for v in c):
             raise ValueError("the category centroids are not vectors of one length")
-        return cls(thresholds, centroids)
+        return cls(thresholds, centroids, str(values.get("source", "")))
 
 
 def calibrate(categories: Sequence[str], labels: np.ndarray, scores: np.ndarray,

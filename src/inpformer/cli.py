@@ -14,8 +14,10 @@ from .data.datasets import DATASET_KINDS
 from .data.geometry import RESIZE_MODES
 from .data.images import MAX_PIXELS
 from .deploy import RUNTIMES, export_model, predict_run, resolve_model
+from .detector import INPFormer
 from .distributed import DEVICES
 from .errors import InpformerError
+from .files import output_file
 from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "resize_mode", "train_tokens",
@@ -23,7 +25,7 @@ CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "re
                   "iterations", "epochs", "batch_size",
                   "lr", "final_lr", "warmup_iterations", "weight_decay", "grad_clip", "num_inps",
                   "coherence_weight", "seed", "feature_cache", "val_fraction", "max_false_reject",
-                  "feature_cache_storage", "device", "compile")
+                  "feature_cache_storage", "device", "compile", "precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--devices", type=int, default=1, metavar="N",
                        help="data-parallel training processes on this machine, one per GPU (default 1); "
                             "--batch-size is the total over them. Several machines: see torchrun in the README")
+    train.add_argument("--precision", choices=("fp32", "bf16"),
+                       help="training arithmetic (default fp32, as the paper; bf16: autocast, faster on recent GPUs, "
+                            "its effect on accuracy is measured in docs/performance.md when a GPU was available)")
     train.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                        help="do not torch.compile the decoder (only ever compiled when training on CUDA)")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     test = commands.add_parser("test", help="evaluate a run: metrics table, metrics.json/csv, scores.csv")
-    test.add_argument("run_dir", metavar="RUN_DIR")
+    test.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a .pt checkpoint with --data")
     _add_data_options(test, required=False)
     test.add_argument("--categories", type=_comma_list, help="evaluate only these categories")
     test.add_argument("--model", metavar="NAME", help="evaluate only this model of the run (see run.json)")
@@ -112,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--quiet", action="store_true")
 
     calibrate = commands.add_parser("calibrate", help="recompute a run's decision thresholds without retraining")
-    calibrate.add_argument("run_dir", metavar="RUN_DIR")
+    calibrate.add_argument("run_dir", metavar="RUN_DIR",
+                           help="a run directory, or a .pt checkpoint (e.g. an imported model) with --data")
     _add_data_options(calibrate, required=False)
     calibrate.add_argument("--method", choices=METHODS, default="false-reject",
                            help="false-reject: from good images; f1: F1-optimal, needs defective images with masks")
@@ -134,12 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
     serve.add_argument("--workers", type=int, default=1, metavar="N", help="server processes, each with the model")
     serve.add_argument("--model", metavar="NAME", help="which model of the run (see run.json)")
-    serve.add_argument("--api-key", help="require this key in the X-API-Key header (or set INPFORMER_API_KEY)")
+    serve.add_argument("--api-key-file", metavar="PATH",
+                       help="require the key in this file in the X-API-Key header (or set INPFORMER_API_KEY)")
+    serve.add_argument("--api-key", help="the key itself: visible to every user in `ps`, prefer --api-key-file")
     serve.add_argument("--max-upload-mb", type=float, default=32.0, metavar="MB", help="request body limit")
-    serve.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N", help="per-image pixel limit")
+    serve.add_argument("--max-pixels", type=int, metavar="N", help="per-image pixel limit (default 16 M)")
+    serve.add_argument("--max-request-pixels", type=int, metavar="N",
+                       help="pixels of all images of one request (default 16 M); beyond, 413")
+    serve.add_argument("--max-inflight-pixels", type=int, metavar="N",
+                       help="pixels of all requests being decoded, predicted or encoded, up to ~48 bytes each "
+                            "(default 16 M: under 1 GiB); beyond, 503")
     serve.add_argument("--max-batch", type=int, default=8, metavar="B", help="images per inference call")
     serve.add_argument("--queue-size", type=int, default=64, metavar="N",
                        help="images waiting for inference; beyond, requests get 503")
+
+    imported = commands.add_parser("import", help="turn the authors' released INP-Former weights (model.pth) into "
+                                                  "a checkpoint; then calibrate it")
+    imported.add_argument("checkpoint", metavar="CKPT.pth", help="a model.pth of the official INP-Former code")
+    imported.add_argument("--backbone", choices=sorted(BACKBONES),
+                          help="the encoder it was trained with (default dinov2reg_vitb14, as every released model)")
+    imported.add_argument("--image-size", metavar="R|HxW", help="resize (default 448, as the released models)")
+    imported.add_argument("--crop-size", metavar="C|HxW",
+                          help="centre crop for `test` (default 392; deployment uses the whole resized image)")
+    imported.add_argument("--out", required=True, metavar="MODEL.pt")
 
     demo = commands.add_parser("demo", help="train and evaluate on the ELPV solar-cell images shipped by PyPI")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
@@ -206,15 +229,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, pooled in thresholds.items():
                 print(f"{name}: image threshold {pooled.image:.6f}, pixel threshold {pooled.pixel:.6f} "
                       f"({pooled.method}, {pooled.num_good} good / {pooled.num_defective} defective images)")
+        elif args.command == "import":
+            out = output_file(args.out, "--out", ".pt")
+            INPFormer.from_official(args.checkpoint, args.backbone, args.image_size, args.crop_size).save(out)
+            print(f"imported {out}; next, set its thresholds: inpformer calibrate {out} --data ROOT "
+                  "(or --data-good DIR of good images)")
         elif args.command == "export":
             path = export_model(resolve_model(args.run_dir, args.model, args.category), args.onnx, args.int8)
             print(f"exported {path}")
         elif args.command == "serve":
-            from .serving import Settings, serve
+            from .serving import Settings, read_api_key, serve, upload_limit
 
+            if args.api_key and args.api_key_file:
+                raise InpformerError("give --api-key-file or --api-key, not both")
+            pixels = {"max_pixels": args.max_pixels, "max_request_pixels": args.max_request_pixels,
+                      "max_inflight_pixels": args.max_inflight_pixels}
             serve(args.run_dir, args.host, args.port, args.runtime, args.workers, args.model,
-                  Settings(max_bytes=round(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                           max_batch=args.max_batch, queue_size=args.queue_size, api_key=args.api_key))
+                  Settings(max_bytes=upload_limit(args.max_upload_mb), max_batch=args.max_batch,
+                           queue_size=args.queue_size,
+                           api_key=read_api_key(args.api_key_file) if args.api_key_file else args.api_key,
+                           **{name: value for name, value in pixels.items() if value is not None}))
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -92,8 +92,8 @@ def export_model(checkpoint: str | Path, onnx_path: str | Path, int8: bool = Fal
     onnx_path = output_file(onnx_path, "--onnx", ".onnx")
     detector = INPFormer.load(checkpoint)
     if detector.calibration is None:
-        raise InpformerError(f"{checkpoint}: no calibrated thresholds (trained by an older version); run "
-                             "`inpformer calibrate RUN_DIR` first")
+        raise InpformerError(f"{checkpoint}: no calibrated thresholds (an imported model, or one trained by an older "
+                             "version); run `inpformer calibrate RUN_DIR` (or MODEL.pt --data ROOT) first")
     metadata, size = detector.metadata(), detector.config.deployment_geometry().crop_size
     if not int8:
         return export_onnx(detector.inference_graph(), onnx_path, size, metadata)
@@ -149,7 +149,8 @@ def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Pat
                    "decision": "defective when the normalised score exceeds 0.5, i.e. the raw score exceeds the "
                                "image threshold",
                    **{f"image threshold ({c or 'all categories'})": f"{t.image:.6f} ({t.method})"
-                      for c, t in thresholds.items()}}
+                      for c, t in thresholds.items()},
+                   "thresholds set on": predictor.calibration.source or "unrecorded images"}
         write_report(out / "report.html", "inpformer predictions", gallery, summary)
     return rows, failures
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .backbone import load_encoder
+from . import official
+from .backbone import build_encoder, load_encoder
 from .calibration import Calibration, calibrate
 from .config import Config, config_from_dict, make_config
 from .data.augment import ExpandedDataset
-from .data.geometry import Geometry, format_size
+from .data.geometry import Geometry, Size, format_size, mask_on_map
 from .data.images import ImageDataset, Preprocess, Sample, read_image, sample_mask
 from .data.tiling import TileDataset, resize_mask
 from .errors import InpformerError
@@ -59,6 +60,7 @@ class INPFormer:
         self.config = config
         self.categories: list[str] = []
         self.backbone_source: str = ""
+        self.encoder_in_checkpoint = False  # imported models: their encoder weights travel in the checkpoint
         self.training_log: TrainingLog | None = None
         self.calibration: Calibration | None = None
         self.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -74,12 +76,34 @@ class INPFormer:
                 AnomalyScorer(geometry.crop_size, config.map_size, config.blur_kernel, config.blur_sigma,
                               config.top_ratio))
 
-    def _build(self) -> INPFormerNet:
+    def _build(self, encoder_weights: dict[str, torch.Tensor] | None = None) -> INPFormerNet:
+        """The network, its encoder from `encoder_weights` (keeping `backbone_source`) or else from the backbone's
+        weight sources."""
         seed_everything(self.config.seed)
-        encoder, self.backbone_source = load_encoder(self.config.backbone, self.config.crop_size,
-                                                     self.config.backbone_weights)
+        if encoder_weights is None:
+            encoder, self.backbone_source = load_encoder(self.config.backbone, self.config.crop_size,
+                                                         self.config.backbone_weights)
+        else:
+            encoder = build_encoder(self.config.backbone, self.config.crop_size, encoder_weights,
+                                    self.backbone_source, fix="choose the --backbone the model was trained with")
+        self.encoder_in_checkpoint = encoder_weights is not None
         return INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, self.config.num_inps,
                             self.config.decoder_depth)
+
+    @classmethod
+    def from_official(cls, path: str | Path, backbone: str | None = None, image_size: int | Size | str | None = None,
+                      crop_size: int | Size | str | None = None) -> INPFormer:
+        """A detector with the authors' released weights (a `model.pth` of the official INP-Former code, encoder
+        included), in the `paper` preset's settings (dinov2reg_vitb14, 448 -> 392) unless given. It has no
+        thresholds yet: `calibrate` it before predicting."""
+        encoder_weights, weights = official.read_official(path)
+        detector = cls.from_config(make_config("paper", backbone=backbone, image_size=image_size,
+                                               crop_size=crop_size, num_inps=official.num_inps(weights)))
+        detector.backbone_source = f"imported from {path}"
+        detector.net = detector._build(encoder_weights)
+        official.load_official(detector.net, weights, path)
+        detector.net.eval()
+        return detector
 
     def fit(self, samples: Sequence[Sample], augment: bool = False, progress: bool = True) -> INPFormer:
         """Trains on the good images among `samples` (defective ones are ignored); with `augment` (few-shot),
@@ -104,22 +128,25 @@ class INPFormer:
         else:
             dataset = ExpandedDataset(fitting, self.preprocess) if augment else ImageDataset(fitting, self.preprocess)
         self.training_log = train(self.net, dataset, self.config, progress=progress)
+        source = training_calibration_source(fitting, held_out)
         if not held_out:
-            log.warning("too few good images to hold some out: thresholds are calibrated on the training images, "
-                        "so they may reject more good parts than --max-false-reject (add images or raise "
-                        "--val-fraction)")
-        self.calibrate(held_out or fitting, progress=progress)
+            if self.config.val_fraction > 0:
+                log.warning("too few good images to hold some out (add images or raise --val-fraction)")
+            log.warning("thresholds from %s", source)
+        self.calibrate(held_out or fitting, progress=progress, source=source)
         return self
 
     def calibrate(self, samples: Sequence[Sample], method: str = "false-reject", max_false_reject: float | None = None,
-                  progress: bool = False) -> Calibration:
+                  progress: bool = False, source: str = "") -> Calibration:
         """Sets the decision thresholds from images the model was not fitted on: good images only
-        ("false-reject": reject at most `max_false_reject` of them) or good and defective ones with masks ("f1")."""
+        ("false-reject": reject at most `max_false_reject` of them) or good and defective ones with masks ("f1").
+        `source` says in words which images these are; it is kept with the thresholds."""
         scored = self.score(samples, with_masks=method == "f1", progress=progress, deployment=True)
         labels = np.array([s.label for s in scored.samples])
         self.calibration = calibrate(
             [s.category for s in scored.samples], labels, scored.scores, scored.maps, scored.embeddings,
             scored.masks, method, self.config.max_false_reject if max_false_reject is None else max_false_reject)
+        self.calibration.source = source or f"{len(samples)} images given to calibrate()"
         pooled = self.calibration.thresholds[""]
         log.info("calibrated (%s) on %d good and %d defective images: image threshold %.5f, pixel threshold %.5f",
                  method, pooled.num_good, pooled.num_defective, pooled.image, pooled.pixel)
@@ -145,8 +172,7 @@ class INPFormer:
             output = runtime(batch["image"].numpy(), batch["valid"].numpy())
             mask = None
             if with_masks:
-                mask = F.interpolate(batch["mask"][:, None].float(), size=scorer.map_shape, mode="nearest")
-                mask = mask[:, 0].to(torch.uint8).numpy()
+                mask = mask_on_map(batch["mask"], scorer.map_shape).numpy()
                 masks.append(mask)
             if metrics is not None:
                 pixels = {}
@@ -248,6 +274,7 @@ class INPFormer:
             "categories": self.categories,
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "state_dict": {k: v for k, v in net.state_dict().items() if not k.startswith("encoder.")},
+            "encoder_state_dict": net.encoder.weights() if self.encoder_in_checkpoint else None,
             "training": asdict(self.training_log) if self.training_log else {},
             "versions": _versions(),
             "created": self.created,
@@ -256,7 +283,8 @@ class INPFormer:
 
     @classmethod
     def load(cls, path: str | Path) -> INPFormer:
-        """Rebuilds a detector from `save`'s file (the backbone weights come from their recorded source)."""
+        """Rebuilds a detector from `save`'s file (the backbone weights come from the file itself when it carries
+        them, as imported models do, else from their recorded source)."""
         path = Path(path)
         if not path.is_file():
             raise InpformerError(f"{path}: checkpoint not found; pass the model file written by training")
@@ -291,7 +319,12 @@ class INPFormer:
         detector.created = str(checkpoint.get("created", ""))
         training = checkpoint.get("training") or {}
         detector.training_log = TrainingLog(**training) if training else None
-        detector.net = detector._build()
+        encoder_weights = checkpoint.get("encoder_state_dict")
+        if encoder_weights is not None:
+            if not isinstance(encoder_weights, dict):
+                raise TypeError("'encoder_state_dict' must be a dictionary")
+            detector.backbone_source = str(checkpoint["backbone"]["source"])
+        detector.net = detector._build(encoder_weights)
         missing, unexpected = detector.net.load_state_dict(checkpoint["state_dict"], strict=False)
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
@@ -304,6 +337,15 @@ class INPFormer:
         if self.net is None:
             raise InpformerError("the detector is not trained; call fit() or INPFormer.load() first")
         return self.net
+
+
+def training_calibration_source(fitting: Sequence[Sample], held_out: Sequence[Sample]) -> str:
+    """In words, which training images set the thresholds: the held-out ones or, without any, the fitted ones."""
+    if held_out:
+        return f"{len(held_out)} good training images held out of fitting (--val-fraction)"
+    return (f"the {len(fitting)} good training images the model was fitted on: their scores are biased low, so new "
+            "good parts may be rejected more often than --max-false-reject; recalibrate on unseen good images with "
+            "`inpformer calibrate RUN_DIR --data ...`")
 
 
 def split_validation(good: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -116,8 +116,8 @@ class Predictor:
 
     def __init__(self, runtime: Runtime, metadata: dict, max_pixels: int = MAX_PIXELS):
         if not metadata.get("calibration"):
-            raise InpformerError("this model has no calibrated thresholds (trained by an older version); run "
-                                 "`inpformer calibrate RUN_DIR` first")
+            raise InpformerError("this model has no calibrated thresholds (an imported model, or one trained by an "
+                                 "older version); run `inpformer calibrate RUN_DIR` (or MODEL.pt --data ROOT) first")
         self.runtime = runtime
         self.metadata = metadata
         self.calibration = Calibration.from_dict(metadata["calibration"])

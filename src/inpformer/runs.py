@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .calibration import METHODS, Thresholds
+from .calibration import METHODS, Calibration
 from .config import Config
 from .data.augment import draw_shots
 from .data.datasets import DATASET_KINDS, load_dataset, load_folder
 from .data.geometry import Geometry
 from .data.images import Sample, read_image
-from .detector import INPFormer, split_validation
+from .detector import INPFormer, split_validation, training_calibration_source
 from .distributed import is_main_process
 from .errors import InpformerError
 from .files import output_folder, write_atomically, write_text_atomically
@@ -244,12 +244,21 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
     """Evaluates the models of a run on their categories' test images (or, zero-shot, one model on any
     categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into `out`: by default the run
     directory, or RUN_DIR/zero-shot for zero-shot tests, so they never overwrite the run's own results.
-    With `report`, also report.html: metrics, curves, histograms and a gallery with the calibrated decisions."""
-    run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    With `report`, also report.html: metrics, curves, histograms and a gallery with the calibrated decisions.
+    `run_dir` may also be a single checkpoint (e.g. an imported model): it is tested on every category of
+    `sources` (required), and the results go by default to the folder <checkpoint name>-test beside it."""
+    target = Path(run_dir)
+    if target.is_file():
+        sources = _checkpoint_sources(target, sources, "test")
+        samples = load_samples(sources, "test", categories)
+        run_dir, run, default_out = target.parent, _checkpoint_run(target, samples), target.with_name(
+            f"{target.stem}-test")
+    else:
+        run_dir = default_out = target
+        run = read_run(run_dir)
+        sources = sources or [DataSource(**d) for d in run["data"]]
+        samples = load_samples(sources, "test", categories)
     models = select_models(run, model, zero_shot)
-    sources = sources or [DataSource(**d) for d in run["data"]]
-    samples = load_samples(sources, "test", categories)
     roots = ", ".join(s.root for s in sources)
     if not samples:
         raise InpformerError(f"no labelled test images in {roots}; add a test split (or --data-test-good / "
@@ -259,7 +268,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
         raise InpformerError(f"{run_dir}: none of the run's categories ({', '.join(sorted(known))}) is in {roots} "
                              f"(found: {', '.join(sorted({s.category for s in samples}))}); pass the data the run "
                              "was trained on with --data, or use --zero-shot for unseen categories")
-    out = output_folder(out if out else run_dir / "zero-shot" if zero_shot else run_dir, "--out")
+    out = output_folder(out if out else default_out / "zero-shot" if zero_shot else default_out, "--out")
     with log_to_file(out / "test.log"):
         by_repeat: dict[int, list[Evaluation]] = {}
         gallery: list[GalleryItem] = []
@@ -280,7 +289,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
             if report and info.get("repeat", 0) == 0:
                 gallery += [item for scored in evaluation.images for item in _gallery(detector, scored)]
                 if detector.calibration:
-                    thresholds[f"image threshold ({name})"] = _describe(detector.calibration.thresholds[""])
+                    thresholds[f"image threshold ({name})"] = _describe(detector.calibration)
         seconds = time.perf_counter() - start
         evaluation = combine_repeats([merge(evaluations) for evaluations in by_repeat.values()])
         num_images = sum(len(s.samples) for s in evaluation.images)
@@ -289,7 +298,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
         _warn_missing_metrics(evaluation)
         write_results(out, evaluation, save_maps)
         if report:
-            summary = {"run": str(run_dir), "setting": run.get("setting", ""), "images": str(num_images),
+            summary = {"run": str(target), "setting": run.get("setting", ""), "images": str(num_images),
                        "zero-shot": str(zero_shot), **thresholds,
                        "decision": "defective when the score exceeds the image threshold (normalised score > 0.5)"}
             metrics = {name: values for name, values, _ in evaluation.rows()}
@@ -316,17 +325,29 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
 
     Images: with `sources`, their test split (false-reject uses its good images, f1 good and defective ones with
     masks); without, f1 uses the run's own test split and false-reject the run's held-out good training images
-    (the same split as at training, so only --max-false-reject changes). Returns model name -> pooled thresholds."""
+    (the same split as at training, so only --max-false-reject changes). Returns model name -> pooled thresholds.
+    `run_dir` may also be a single checkpoint (e.g. an imported model), calibrated on `sources` (required): their
+    test split, and for plain folders also the good images of --data-good; it logs to <checkpoint>.calibrate.log."""
     if method not in METHODS:
         raise InpformerError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
-    run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    target = Path(run_dir)
+    checkpoint = target.is_file()
+    if checkpoint:
+        sources, held_out = _checkpoint_sources(target, sources, "calibrate"), False
+        samples = load_samples(sources, "test")
+        if all(s.kind == "folder" for s in sources):
+            samples = load_samples(sources, "train") + samples
+        run_dir, run, log_file = target.parent, _checkpoint_run(target, samples), target.with_suffix(".calibrate.log")
+    else:
+        run_dir, log_file = target, target / "calibrate.log"
+        run = read_run(run_dir)
+        held_out = sources is None and method == "false-reject"
+        sources = sources or [DataSource(**d) for d in run["data"]]
     models = select_models(run, model, False)
-    held_out = sources is None and method == "false-reject"
-    sources = sources or [DataSource(**d) for d in run["data"]]
     results = {}
-    with log_to_file(run_dir / "calibrate.log"):
-        samples = load_samples(sources, "train" if held_out else "test")
+    with log_to_file(log_file):
+        if not checkpoint:
+            samples = load_samples(sources, "train" if held_out else "test")
         for name, info in models.items():
             path = run_dir / info["file"]
             detector = INPFormer.load(path)
@@ -336,20 +357,37 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
                     drawn = set(info["training_images"])
                     items = [s for s in items if str(s.path) in drawn]
                 fitting, validation = split_validation(items, detector.config.val_fraction, detector.config.seed)
-                items = validation or fitting
+                items, source = validation or fitting, training_calibration_source(fitting, validation)
+            else:
+                good, defective = sum(s.label == 0 for s in items), sum(s.label != 0 for s in items)
+                source = (f"{good} good{f' and {defective} defective' if method == 'f1' else ''} "
+                          f"{'' if checkpoint else 'test '}images of {', '.join(s.root for s in sources)}")
             if not items:
                 raise InpformerError(f"no calibration images for model {name} ({', '.join(info['categories'])}) in "
                                      f"{', '.join(s.root for s in sources)}; check --data")
-            detector.calibrate(items, method, max_false_reject, progress=progress)
+            detector.calibrate(items, method, max_false_reject, progress=progress, source=source)
             detector.save(path)
             results[name] = detector.calibration.thresholds[""]
             log.info("model %s: thresholds saved to %s", name, path)
     return results
 
 
-def _describe(thresholds: Thresholds) -> str:
-    return (f"{thresholds.image:.6f} ({thresholds.method}, {thresholds.num_good} good / {thresholds.num_defective} "
-            f"defective calibration images)")
+def _checkpoint_sources(path: Path, sources: Sequence[DataSource] | None, command: str) -> Sequence[DataSource]:
+    if not sources:
+        raise InpformerError(f"{path}: a single checkpoint keeps no record of its data; give the images to {command} "
+                             "it on with --data ROOT (or --data-good DIR)")
+    return sources
+
+
+def _checkpoint_run(path: Path, samples: Sequence[Sample]) -> dict:
+    """A single checkpoint seen as a run of one model, for every category of `samples` (the data given with it)."""
+    return {"models": {path.stem: {"file": path.name, "categories": sorted({s.category for s in samples})}},
+            "data": []}
+
+
+def _describe(calibration: Calibration) -> str:
+    pooled = calibration.thresholds[""]
+    return f"{pooled.image:.6f} ({pooled.method}; set on {calibration.source or 'unrecorded images'})"
 
 
 def _gallery(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:

@@ -238,7 +238,7 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         loader = DataLoader(dataset, batch_sampler=batches, **_loader_options(dataset, device))
         inputs = (net.encode(batch["image"].to(device, non_blocking=True)) for batch in loader)
     decode: nn.Module = _Decode(net, compile=config.compile and device.type == "cuda")
-    if world > 1:
+    if torch.distributed.is_initialized():  # any process group, even of one process (torchrun --nproc-per-node 1)
         decode = DistributedDataParallel(decode, device_ids=[device.index] if device.type == "cuda" else None,
                                          broadcast_buffers=False)
     parameters = net.trainable_parameters()
@@ -253,7 +253,7 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         token_subset = subsets(encoded.shape[2])
         for group in optimizer.param_groups:
             group["lr"] = float(schedule[step])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             output = decode(encoded, None if token_subset is None else token_subset.to(device))
         # this process's share of the batch mean: DDP averages the processes' gradients
         loss = training_loss(output, config) * (len(encoded) * world / batch_size)

@@ -11,14 +11,20 @@ from scipy import ndimage
 
 from .data.images import Preprocess, read_image
 
+_BLOCK_PIXELS = 1 << 18  # pixels of an overlay blended at once
+
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
     """Blends a jet-coloured anomaly map (resized to the image) over an (H, W, 3) uint8 image."""
     height, width = image.shape[:2]
     resized = np.asarray(Image.fromarray(anomaly_map.astype(np.float32)).resize((width, height), Image.BILINEAR))
-    normalised = np.clip((resized - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    heat = colormaps["jet"](normalised)[..., :3] * 255
-    return (alpha * heat + (1 - alpha) * image).astype(np.uint8)
+    picture = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _BLOCK_PIXELS // max(width, 1))
+    for y in range(0, height, rows):  # in blocks of rows: the colour map's float64 arrays take ~90 bytes a pixel
+        normalised = np.clip((resized[y : y + rows] - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+        heat = colormaps["jet"](normalised)[..., :3] * 255
+        picture[y : y + rows] = alpha * heat + (1 - alpha) * image[y : y + rows]
+    return picture
 
 
 def prediction_overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InpformerError
@@ -104,9 +106,11 @@ class Geometry:
                            "reflect")
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """(H, W) bool -> (crop_h, crop_w) bool aligned with `view`; padding is never a defect."""
+        """(H, W) bool -> (crop_h, crop_w) uint8 defect coverage 0..255 aligned with `view`; padding is never a
+        defect. As the reference's protocol: the 0/255 mask is resized bilinearly with the image and cropped; it
+        is binarised only once resized to the map (`mask_on_map`)."""
         image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, "L")
-        return self._apply(image, Image.Resampling.NEAREST, "constant") > 127
+        return self._apply(image, Image.Resampling.BILINEAR, "constant")
 
     def _apply(self, image: Image.Image, resample: Image.Resampling, pad_mode: str) -> np.ndarray:
         place = self.placement((image.height, image.width))
@@ -139,3 +143,10 @@ class Geometry:
             (ox1 - ox0, oy1 - oy0), Image.Resampling.BILINEAR, box=box)
         full[oy0:oy1, ox0:ox1] = np.asarray(part)
         return full
+
+
+def mask_on_map(coverage: torch.Tensor, shape: Size) -> torch.Tensor:
+    """[B, h, w] uint8 coverage from `Geometry.mask` -> [B, *shape] uint8 0/1 ground truth on the map: resized
+    nearest neighbour, then a defect where the coverage exceeds half (the reference's evaluation protocol)."""
+    resized = F.interpolate(coverage[:, None].float(), size=tuple(shape), mode="nearest")[:, 0]
+    return (resized > 127.5).to(torch.uint8)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,7 @@ from ..errors import InpformerError
 from .geometry import Geometry, Size, parse_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the Pillow decoders of IMAGE_EXTENSIONS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb error threshold (2 * Image.MAX_IMAGE_PIXELS)
@@ -49,23 +51,13 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open(path: Path | BinaryIO, what: str, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Open, fully decode and EXIF-orient an image, turning every failure into an InpformerError; images of more
-    than `max_pixels` pixels are refused before decoding (decompression bombs). Errors call it `name` (or `path`)."""
-    name = name or str(path)
+@contextmanager
+def _reading(path: Path | BinaryIO, what: str, name: str) -> Iterator[None]:
+    """Turns every failure to read `path` into a one-line InpformerError naming `name`."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is checked below
-            image = Image.open(path)
-        with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InpformerError(
-                    f"{name}: cannot read {what} (too large: {width}x{height} pixels, limit {max_pixels}); "
-                    "downscale the image"
-                )
-            image.load()
-            return ImageOps.exif_transpose(image)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the callers check the size themselves
+            yield
     except InpformerError:
         raise
     except FileNotFoundError:
@@ -73,9 +65,44 @@ def _open(path: Path | BinaryIO, what: str, max_pixels: int = MAX_PIXELS, name: 
     except Exception as error:  # any decoder failure means a broken or unsupported file
         reason = " ".join(str(error).replace(repr(str(path)), "").replace(repr(path), "").split()).rstrip(" :")
         raise InpformerError(
-            f"{name}: cannot read {what} ({reason or type(error).__name__}); replace or remove this file "
+            f"{name}: cannot read {what} ({reason[:200] or type(error).__name__}); replace or remove this file "
             f"(supported: {', '.join(IMAGE_EXTENSIONS)})"
         ) from None
+
+
+def _check_size(size: tuple[int, int], what: str, max_pixels: int, name: str) -> None:
+    width, height = size  # never 0: Pillow refuses empty images
+    if width * height > max_pixels:
+        raise InpformerError(
+            f"{name}: cannot read {what} (too large: {width}x{height} pixels, limit {max_pixels}); downscale the image"
+        )
+
+
+def _open(path: Path | BinaryIO, what: str, max_pixels: int = MAX_PIXELS, name: str | None = None,
+          formats: Sequence[str] | None = None) -> Image.Image:
+    """Open, fully decode and EXIF-orient an image, turning every failure into an InpformerError; images of more
+    than `max_pixels` pixels are refused before decoding (decompression bombs). Errors call it `name` (or `path`).
+    `formats` limits the Pillow decoders tried (default: all)."""
+    name = name or str(path)
+    with _reading(path, what, name), Image.open(path, formats=formats) as image:
+        _check_size(image.size, what, max_pixels, name)
+        image.load()
+        _check_size(image.size, what, max_pixels, name)  # a few formats (e.g. ICO) pick their size while loading
+        return ImageOps.exif_transpose(image)
+
+
+def image_pixels(path: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS, name: str | None = None,
+                 formats: Sequence[str] | None = None) -> int:
+    """Width x height of an image from its header alone (nothing is decoded), checked as `read_image` checks it."""
+    source = _source(path)
+    name = name or str(source)
+    with _reading(source, "image", name), Image.open(source, formats=formats) as image:
+        _check_size(image.size, "image", max_pixels, name)
+        return image.size[0] * image.size[1]
+
+
+def _source(path: str | Path | bytes | BinaryIO) -> Path | BinaryIO:
+    return io.BytesIO(path) if isinstance(path, bytes) else path if hasattr(path, "read") else Path(path)
 
 
 def _wide_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -99,12 +126,11 @@ def _wide_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def read_image(path: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
-               name: str | None = None) -> np.ndarray:
-    """Read any Pillow-readable image as an (H, W, 3) uint8 RGB array (alpha dropped, EXIF applied). `path` may
-    also be the encoded bytes or a binary file object, called `name` in error messages."""
-    source = io.BytesIO(path) if isinstance(path, bytes) else path if hasattr(path, "read") else Path(path)
-    image = _open(source, "image", max_pixels, name)
+def read_image(path: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS, name: str | None = None,
+               formats: Sequence[str] | None = None) -> np.ndarray:
+    """Read any Pillow-readable image (or one of `formats`) as an (H, W, 3) uint8 RGB array (alpha dropped, EXIF
+    applied). `path` may also be the encoded bytes or a binary file object, called `name` in error messages."""
+    image = _open(_source(path), "image", max_pixels, name, formats)
     if image.mode in _WIDE_MODES:
         grey = _wide_to_uint8(np.asarray(image))
         return np.repeat(grey[:, :, None], 3, axis=2)
