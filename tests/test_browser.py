@@ -2,6 +2,7 @@
 uvicorn server on a free loopback port."""
 
 import base64
+import json
 import re
 import socket
 import threading
@@ -14,7 +15,7 @@ from PIL import Image
 from test_serving import png_bytes, tiny_model
 
 from inpformer.deploy import load_predictor
-from inpformer.serving import Settings, create_app
+from inpformer.service.app import Settings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -30,9 +31,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
+def feedback_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feedback")
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, feedback_dir):
     predictor = load_predictor(tiny_model(tmp_path_factory))
-    settings = Settings(api_key="browser-key")
+    settings = Settings(api_key="browser-key", feedback_dir=str(feedback_dir))
     server = uvicorn.Server(uvicorn.Config(create_app(predictor, settings), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -102,3 +108,23 @@ def test_dropped_files_get_a_card_each_and_a_bad_one_fails_alone(page):
     playwright.expect(failed).to_have_count(1)
     playwright.expect(failed.locator(".details")).to_contain_text("notes.txt: cannot read image")
     playwright.expect(page.locator(".card:not(.error) .decision")).to_have_text(re.compile(r"^(good|defective)$"))
+
+
+def test_an_operator_marks_a_wrong_decision_and_the_image_is_kept(page, tmp_path, feedback_dir):
+    path = tmp_path / "marked.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
+    page.set_input_files("#files", str(path))
+
+    card = page.locator(".card").first
+    button = card.locator(".mark")
+    playwright.expect(button).to_be_visible()
+    decision = card.locator(".decision").inner_text()
+    label = "good" if decision == "defective" else "defective"  # the button offers the opposite of the decision
+    playwright.expect(button).to_have_text(re.compile(f"^This part is {label} "))
+    button.click()
+    playwright.expect(card.locator(".mark-status")).to_have_text(f"marked {label}: {label}/marked.png")
+    playwright.expect(button).to_be_disabled()
+    stored = feedback_dir / label / "marked.png"
+    assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(Image.open(path)))
+    sidecar = json.loads(stored.with_suffix(".json").read_text())
+    assert (sidecar["label"], sidecar["decision"], sidecar["source"]) == (label, decision, "marked.png")

@@ -13,7 +13,7 @@ from inpformer import INPFormer
 from inpformer.calibration import Calibration, Thresholds, calibrate
 from inpformer.cli import main
 from inpformer.data.geometry import Geometry
-from inpformer.inference import defect_regions
+from inpformer.inference import find_defects
 
 TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",
         "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
@@ -113,7 +113,7 @@ def test_maps_return_to_the_original_geometry():
     mask = np.zeros((20, 20), bool)
     mask[2:5, 3:9] = True
     mask[10:12, 10:11] = True
-    regions = defect_regions(mask, mask * np.linspace(0, 1, 20)[None])
+    _, regions = find_defects(mask, mask * np.linspace(0, 1, 20)[None])
     assert [(r.x0, r.y0, r.x1, r.y1, r.area) for r in regions] == [(10, 10, 11, 12, 2), (3, 2, 9, 5, 18)]
 
 

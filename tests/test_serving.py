@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 
@@ -12,10 +13,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from synthetic import make_mvtec
 
-from inpformer import INPFormer, load_mvtec, serving
+from inpformer import INPFormer, load_mvtec
 from inpformer.cli import main
 from inpformer.deploy import load_predictor
-from inpformer.serving import API_KEY_ENV, Batcher, Busy, PixelBudget, Settings, create_app
+from inpformer.service import app as serving
+from inpformer.service.app import API_KEY_ENV, Batcher, Busy, PixelBudget, Settings, create_app
+from inpformer.service.feedback import feedback_folders
 
 _trained: dict[str, str] = {}
 
@@ -500,3 +503,94 @@ def test_api_key_file(tmp_path, capsys, monkeypatch):
     key.write_text("\n")
     assert main(["serve", "run", "--api-key-file", str(key)]) == 2
     assert capsys.readouterr().err == f"inpformer: error: --api-key-file {key} is empty; write the key into it\n"
+
+
+def mark_form(label: str = "good", result: dict | str | None = None, data: bytes | None = None,
+              name: str = "part.png") -> dict:
+    if result is None:
+        result = {"decision": "defective", "score": 0.9, "threshold": 0.5, "category": "plate"}
+    return {"files": {"file": (name, png_bytes(30, 40) if data is None else data, "image/png")},
+            "data": {"label": label, "result": result if isinstance(result, str) else json.dumps(result)}}
+
+
+def test_feedback_is_off_by_default(serve):
+    with serve() as client:
+        assert client.get("/model").json()["feedback"] is False
+        response = client.post("/feedback", **mark_form())
+    assert response.status_code == 404
+    assert response.json() == {"error": "operator feedback is off on this server (server option --feedback-dir DIR "
+                                        "turns it on)"}
+
+
+def test_feedback_keeps_marked_images_with_a_sidecar(serve, tmp_path):
+    folder, data = tmp_path / "feedback", png_bytes(30, 40, seed=7)
+    key = {"X-API-Key": "k"}
+    with serve(feedback_dir=str(folder), api_key="k") as client:
+        assert client.get("/model", headers=key).json()["feedback"] is True
+        result = client.post("/predict?name=part.png&overlay=true", content=data, headers=key).json()["results"][0]
+        stored = [client.post("/feedback", **mark_form(label, result, data), headers=key)
+                  for label in ("good", "good", "defective")]
+        refused = client.post("/feedback", **mark_form(result=result, data=data))
+    assert [r.json() for r in stored] == [{"stored": "good/part.png"}, {"stored": "good/part-2.png"},
+                                          {"stored": "defective/part.png"}]
+    assert refused.status_code == 401
+    image = np.asarray(Image.open(folder / "good" / "part.png"))
+    assert np.array_equal(image, np.asarray(Image.open(io.BytesIO(data))))  # the pixels the model judged
+    sidecar = json.loads((folder / "good" / "part.json").read_text())
+    assert {k: sidecar[k] for k in ("label", "decision", "score", "threshold", "category", "source", "image")} == {
+        "label": "good", "decision": result["decision"], "score": result["score"], "threshold": result["threshold"],
+        "category": "plate", "source": "part.png", "image": "part.png"}
+    assert sidecar["model"]["backbone"] == "tiny_random" and sidecar["time"]
+    assert (sidecar["width"], sidecar["height"]) == (40, 30)
+    assert "mask_png" not in sidecar and "overlay_png" not in sidecar
+    assert sorted(p.name for p in folder.rglob("*")) == sorted(
+        ["good", "defective", "part.png", "part.json", "part-2.png", "part-2.json", "part.png", "part.json"])
+
+
+@pytest.mark.parametrize(("form", "status", "message"), [
+    ({"content": b"raw bytes"}, 400, "send a multipart form: file (the image), label (good or defective)"),
+    ({"files": {"file": ("a.png", png_bytes(), "image/png")}}, 400, "the form needs the fields file"),
+    (mark_form(label="maybe"), 400, "label must be one of good, defective, got 'maybe'"),
+    (mark_form(result="{not json"), 400, "result: not JSON"),
+    (mark_form(result=[1, 2]), 400, "result: expected the JSON object /predict returned"),
+    (mark_form(result={"decision": "good", "threshold": 0.5}), 400, "result: 'score' missing or not a finite number"),
+    (mark_form(result={"decision": "good", "score": "NaN", "threshold": 0.5}), 400, "result: 'score' missing"),
+    (mark_form(result={"decision": "fine", "score": 1, "threshold": 0.5}), 400, "'decision' must be one of good"),
+    (mark_form(data=b"not an image", name="../../etc/x.png"), 400, "../../etc/x.png: cannot read image"),
+    (mark_form(data=png_bytes(40, 40)), 400, "cannot read image (too large: 40x40 pixels, limit 1599)"),
+    (mark_form(data=png_bytes(30, 30) + b"\0" * 30000), 413, "request body over the limit of 30000 bytes"),
+])
+def test_bad_feedback_gets_a_clear_error_and_stores_nothing(serve, tmp_path, form, status, message):
+    folder = tmp_path / "feedback"
+    with serve(feedback_dir=str(folder), max_pixels=40 * 40 - 1, max_bytes=30000) as client:
+        response = client.post("/feedback", **form)
+    assert response.status_code == status and message in response.json()["error"]
+    assert sorted(p.name for p in folder.rglob("*")) == ["defective", "good"]
+
+
+def test_feedback_dir_is_checked_up_front(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["serve", str(tmp_path / "model.pt"), "--feedback-dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == (f"inpformer: error: --feedback-dir {tmp_path / 'file' / 'good'}: cannot "
+                                       "create this folder (Not a directory); give a writable folder path\n")
+
+
+def test_a_feedback_folder_recalibrates_a_run_and_joins_its_training(tmp_path):
+    data = make_mvtec(tmp_path / "data", categories=("plate",), n_train=10, n_good_test=2, defect_types={"spot": 2})
+    tiny = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "5",
+            "--batch-size", "4", "--warmup-iterations", "2", "--quiet"]
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    marked = feedback_folders(tmp_path / "feedback") / "good"
+    for i in range(4):
+        (marked / f"{i}.png").write_bytes(png_bytes(56, 56, seed=i))
+        (marked / f"{i}.json").write_text("{}")  # sidecars are not images: ignored
+    assert main(["calibrate", str(run), "--data-good", str(marked), "--quiet"]) == 0
+    assert INPFormer.load(run / "models" / "plate.pt").calibration.source == f"4 good images of {marked}"
+
+    retrained = tmp_path / "retrained"
+    assert main(["train", "--data", str(data), "--extra-good", str(marked), "--out", str(retrained), *tiny]) == 0
+    info = json.loads((retrained / "run.json").read_text())["models"]["plate"]
+    assert info["extra_good"] == {"folder": str(marked.resolve()), "images": 4}
+    # fitted on 9 + 4 images; the held-out image is the one of the run without them
+    assert "training on 13 good images of plate (1 held out for calibration)" in (retrained / "train.log").read_text()

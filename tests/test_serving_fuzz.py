@@ -14,7 +14,7 @@ from test_serving import tiny_model
 from inpformer.data.images import read_image
 from inpformer.deploy import load_predictor
 from inpformer.errors import InpformerError
-from inpformer.serving import Settings, create_app
+from inpformer.service.app import Settings, create_app
 
 SEED = 20240611
 HUGE = [(0, 16), (16, 0), (65535, 65535), (7000, 7000), (1, 2**31 - 1), (2**16 - 1, 1)]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
 from . import distributed
 from .backbone import BACKBONES
-from .calibration import METHODS
+from .calibration import MANUAL, METHODS, describe_area
 from .config import PRESETS, make_config
 from .data.datasets import DATASET_KINDS
 from .data.geometry import RESIZE_MODES
@@ -18,6 +19,7 @@ from .detector import INPFormer
 from .distributed import DEVICES
 from .errors import InpformerError
 from .files import output_file
+from .results import recall_table
 from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "resize_mode", "train_tokens",
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "its effect on accuracy is measured in docs/performance.md when a GPU was available)")
     train.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                        help="do not torch.compile the decoder (only ever compiled when training on CUDA)")
+    train.add_argument("--extra-good", metavar="DIR",
+                       help="more good images of the one category trained, e.g. an operator's FEEDBACK/good: fitted "
+                            "on, never held out for calibration")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -114,16 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", dest="model_name", metavar="NAME", help="which model of the run (see run.json)")
     predict.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                          help=f"refuse larger images (decompression bombs; default {MAX_PIXELS})")
+    predict.add_argument("--min-defect-area", type=float, metavar="A",
+                         help="instead of the model's: defect regions smaller than A (below 1: a fraction of the "
+                              "image area; else pixels) do not make a part defective")
     predict.add_argument("--quiet", action="store_true")
 
     calibrate = commands.add_parser("calibrate", help="recompute a run's decision thresholds without retraining")
     calibrate.add_argument("run_dir", metavar="RUN_DIR",
                            help="a run directory, or a .pt checkpoint (e.g. an imported model) with --data")
     _add_data_options(calibrate, required=False)
-    calibrate.add_argument("--method", choices=METHODS, default="false-reject",
-                           help="false-reject: from good images; f1: F1-optimal, needs defective images with masks")
+    calibrate.add_argument("--method", choices=METHODS,
+                           help="false-reject (default): from good images; f1: F1-optimal, needs defective images "
+                                "with masks")
     calibrate.add_argument("--max-false-reject", type=float, metavar="R", help="false-reject rate (default: the run's)")
     calibrate.add_argument("--model", metavar="NAME", help="only this model of the run")
+    calibrate.add_argument("--image-threshold", type=float, metavar="X",
+                           help="set the image threshold by hand (raw score units), without images")
+    calibrate.add_argument("--pixel-threshold", type=float, metavar="Y",
+                           help="set the pixel threshold by hand (raw map units); default: keep it")
+    calibrate.add_argument("--min-defect-area", type=float, metavar="A",
+                           help="defect regions smaller than A (below 1: a fraction of the image area, e.g. 0.001; "
+                                "else pixels; 0: none) do not make a part defective; alone, thresholds are kept")
+    calibrate.add_argument("--category", help="set by hand only this category's values (default: every category)")
     calibrate.add_argument("--quiet", action="store_true")
 
     export = commands.add_parser("export", help="export a model to one self-contained ONNX file")
@@ -153,6 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, metavar="B", help="images per inference call")
     serve.add_argument("--queue-size", type=int, default=64, metavar="N",
                        help="images waiting for inference; beyond, requests get 503")
+    serve.add_argument("--feedback-dir", metavar="DIR",
+                       help="let operators mark results as false rejects or missed defects on the page: the images "
+                            "go to DIR/good/ and DIR/defective/ with a JSON sidecar (default: off)")
+
+    watch = commands.add_parser("watch", help="predict images as cameras write them into a folder: "
+                                              "OUT_DIR/results.jsonl, optional sorting and MQTT")
+    watch.add_argument("model", metavar="RUN_DIR", help="a run directory, a .pt checkpoint or an .onnx file")
+    watch.add_argument("in_dir", metavar="IN_DIR", help="the folder to watch (subfolders too)")
+    watch.add_argument("--out", required=True, metavar="OUT_DIR",
+                       help="results.jsonl (one line per image, the record that makes restarts safe), watch.log")
+    watch.add_argument("--sort", choices=("move", "link"),
+                       help="move or link each image into OUT_DIR/good, defective or failed")
+    watch.add_argument("--poll", type=float, metavar="SECONDS",
+                       help="scan the folder every SECONDS instead of following file events (network shares)")
+    watch.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                       help="a file is complete once unchanged this long, or at once when renamed into place "
+                            "(default 1)")
+    watch.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    watch.add_argument("--batch-size", type=int, default=8, metavar="B", help="images that arrive together are "
+                                                                                "predicted in batches of up to B")
+    watch.add_argument("--category", help="category of the images (multi-class models infer it otherwise)")
+    watch.add_argument("--model", dest="model_name", metavar="NAME", help="which model of the run (see run.json)")
+    watch.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                       help=f"refuse larger images (default {MAX_PIXELS})")
+    watch.add_argument("--mqtt", metavar="HOST:PORT", help="also publish each result line to this MQTT broker "
+                                                            "(QoS 1; needs pip install 'inpformer[mqtt]')")
+    watch.add_argument("--topic", default="inpformer/results", help="MQTT topic (default inpformer/results)")
 
     imported = commands.add_parser("import", help="turn the authors' released INP-Former weights (model.pth) into "
                                                   "a checkpoint; then calibrate it")
@@ -163,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--crop-size", metavar="C|HxW",
                           help="centre crop for `test` (default 392; deployment uses the whole resized image)")
     imported.add_argument("--out", required=True, metavar="MODEL.pt")
+
+    audit = commands.add_parser("audit", help="find defective images among a run's good training images: each "
+                                              "scored out-of-fold, the most suspicious listed with their maps")
+    audit.add_argument("run_dir", metavar="RUN_DIR")
+    audit.add_argument("--folds", type=int, default=5, metavar="K",
+                       help="each image is scored by a model trained on the other K-1 folds (default 5)")
+    audit.add_argument("--iterations", type=int, metavar="N", help="optimizer steps per fold (default: the run's)")
+    audit.add_argument("--top", type=int, default=20, metavar="N", help="images shown in the report (default 20)")
+    audit.add_argument("--model", metavar="NAME", help="only this model of the run")
+    audit.add_argument("--quiet", action="store_true")
 
     demo = commands.add_parser("demo", help="train and evaluate on the ELPV solar-cell images shipped by PyPI")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
@@ -208,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return distributed.spawn(main, args.devices, sys.argv[1:] if argv is None else list(argv))
             distributed.setup(config.device)
             train_run(_sources(args, required=True), args.out, config, args.setting, args.categories,
-                      shots=args.shots, repeats=args.repeats, progress=not args.quiet and distributed.is_main_process())
+                      shots=args.shots, repeats=args.repeats, progress=not args.quiet and distributed.is_main_process(),
+                      extra_good=args.extra_good)
             if distributed.is_main_process():
                 print(f"trained; next: inpformer test {args.out}")
         elif args.command == "test":
@@ -216,19 +271,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.zero_shot, args.save_maps, args.out, progress=not args.quiet,
                                   report=args.report)
             print(evaluation.table())
+            if evaluation.recall:
+                print("\ndecisions at the calibrated thresholds (rate: recall of defects, false rejects of good)")
+                print(recall_table(evaluation.recall))
         elif args.command == "predict":
             rows, failures = predict_run(args.model, args.inputs, args.out, args.runtime, args.batch_size,
-                                         args.category, args.model_name, args.max_pixels, progress=not args.quiet)
+                                         args.category, args.model_name, args.max_pixels, progress=not args.quiet,
+                                         min_defect_area=args.min_defect_area)
             defective = sum(r["decision"] == "defective" for r in rows)
             print(f"{len(rows)} images: {defective} defective, {len(rows) - defective} good"
                   f"{f', {len(failures)} failed' if failures else ''}; report: {args.out}/report.html")
             return 1 if failures else 0
         elif args.command == "calibrate":
+            how = "inpformer " + shlex.join(sys.argv[1:] if argv is None else list(argv))
             thresholds = calibrate_run(args.run_dir, _sources(args, required=False), args.method,
-                                       args.max_false_reject, args.model, progress=not args.quiet)
-            for name, pooled in thresholds.items():
-                print(f"{name}: image threshold {pooled.image:.6f}, pixel threshold {pooled.pixel:.6f} "
-                      f"({pooled.method}, {pooled.num_good} good / {pooled.num_defective} defective images)")
+                                       args.max_false_reject, args.model, progress=not args.quiet,
+                                       image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold,
+                                       category=args.category, min_defect_area=args.min_defect_area, how=how)
+            for name, t in thresholds.items():
+                images = "" if t.method == MANUAL else f", {t.num_good} good / {t.num_defective} defective images"
+                area = f"; minimum defect area {describe_area(t.min_defect_area)}" if t.min_defect_area else ""
+                print(f"{name}{f' ({args.category})' if args.category else ''}: image threshold {t.image:.6f}, "
+                      f"pixel threshold {t.pixel:.6f} ({t.method}{images}){area}")
         elif args.command == "import":
             out = output_file(args.out, "--out", ".pt")
             INPFormer.from_official(args.checkpoint, args.backbone, args.image_size, args.crop_size).save(out)
@@ -238,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = export_model(resolve_model(args.run_dir, args.model, args.category), args.onnx, args.int8)
             print(f"exported {path}")
         elif args.command == "serve":
-            from .serving import Settings, read_api_key, serve, upload_limit
+            from .service.app import Settings, read_api_key, serve, upload_limit
 
             if args.api_key and args.api_key_file:
                 raise InpformerError("give --api-key-file or --api-key, not both")
@@ -248,7 +312,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                   Settings(max_bytes=upload_limit(args.max_upload_mb), max_batch=args.max_batch,
                            queue_size=args.queue_size,
                            api_key=read_api_key(args.api_key_file) if args.api_key_file else args.api_key,
+                           feedback_dir=args.feedback_dir,
                            **{name: value for name, value in pixels.items() if value is not None}))
+        elif args.command == "audit":
+            from .audit import audit_run
+
+            suspects = audit_run(args.run_dir, args.folds, args.iterations, args.model, args.top,
+                                 progress=not args.quiet)
+            print("rank  z-score  category  image")
+            for suspect in suspects[: args.top]:
+                print(f"{suspect.rank:4d}  {suspect.z_score:7.2f}  {suspect.category}  {suspect.path}")
+            print(f"all {len(suspects)} images: {args.run_dir}/audit/audit.csv; maps: {args.run_dir}/audit/report.html")
+        elif args.command == "watch":
+            from .service.watch import watch
+
+            counts = watch(args.model, args.in_dir, args.out, args.runtime, args.model_name, args.category, args.sort,
+                           args.poll, args.settle, args.batch_size, args.max_pixels, args.mqtt, args.topic)
+            print(f"watched: {counts.predicted} image{'' if counts.predicted == 1 else 's'} ({counts.defective} "
+                  f"defective), {counts.failed} failed; results: {args.out}/results.jsonl")
         elif args.command == "demo":
             from .demo import run_demo
 

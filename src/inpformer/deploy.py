@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .calibration import check_min_defect_area, describe_area
 from .data.images import MAX_PIXELS
 from .detector import INPFormer
 from .errors import InpformerError
 from .export import OnnxRuntime, export_onnx, quantize_int8
 from .files import output_file, output_folder, write_text_atomically
-from .inference import Failure, Prediction, Predictor, find_images
+from .inference import Failure, Prediction, Predictor, describe_rule, find_images
 from .report import GalleryItem, image_uri, write_report
 from .runs import log_to_file, read_run, select_models
 
@@ -106,20 +107,25 @@ def export_model(checkpoint: str | Path, onnx_path: str | Path, int8: bool = Fal
 
 def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Path, runtime: str = "torch",
                 batch_size: int = 8, category: str | None = None, model: str | None = None,
-                max_pixels: int = MAX_PIXELS, progress: bool = True) -> tuple[list[dict], list[Failure]]:
+                max_pixels: int = MAX_PIXELS, progress: bool = True,
+                min_defect_area: float | None = None) -> tuple[list[dict], list[Failure]]:
     """Predicts every image in `inputs` (files and folders) and writes into `out`: predictions.csv / .json,
     overlays/<name>.png, masks/<name>_mask.png (original resolution) and report.html. A file that cannot be read
-    is reported and skipped; returns (the predictions' JSON rows, the failures)."""
+    is reported and skipped; returns (the predictions' JSON rows, the failures). `min_defect_area` replaces the
+    model's minimum defect area for these predictions."""
     if batch_size < 1:
         raise InpformerError(f"--batch-size must be at least 1, got {batch_size}")
     if max_pixels < 1:
         raise InpformerError(f"--max-pixels must be at least 1, got {max_pixels}")
+    if min_defect_area is not None:
+        check_min_defect_area(min_defect_area)
     out = output_folder(out, "--out")
     for folder in ("overlays", "masks"):
         output_folder(out / folder, "--out")
     with log_to_file(out / "predict.log"):
         predictor = load_predictor(target, runtime, model, category)
         predictor.max_pixels = max_pixels
+        predictor.min_defect_area = min_defect_area
         paths = find_images(inputs)
         if not paths:
             raise InpformerError(f"no images found in {', '.join(map(str, inputs))}; give image files or folders")
@@ -144,12 +150,15 @@ def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Pat
                  defective, len(failures), seconds, len(rows) / seconds, runtime)
         _write_predictions(out, rows, failures)
         thresholds = predictor.calibration.thresholds
+        areas = {c: t.min_defect_area if min_defect_area is None else min_defect_area for c, t in thresholds.items()}
+        uniform = len(set(areas.values())) == 1
         summary = {"model": str(target), "runtime": runtime, "images": str(len(rows)),
                    "defective": str(defective), "failed": str(len(failures)),
-                   "decision": "defective when the normalised score exceeds 0.5, i.e. the raw score exceeds the "
-                               "image threshold",
+                   "decision": describe_rule(areas[""] if uniform else None),
                    **{f"image threshold ({c or 'all categories'})": f"{t.image:.6f} ({t.method})"
                       for c, t in thresholds.items()},
+                   **({} if uniform else {f"minimum defect area ({c or 'all categories'})": describe_area(a)
+                                          for c, a in areas.items()}),
                    "thresholds set on": predictor.calibration.source or "unrecorded images"}
         write_report(out / "report.html", "inpformer predictions", gallery, summary)
     return rows, failures

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from . import official
 from .backbone import build_encoder, load_encoder
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate, change_record
 from .config import Config, config_from_dict, make_config
 from .data.augment import ExpandedDataset
 from .data.geometry import Geometry, Size, format_size, mask_on_map
@@ -105,15 +105,18 @@ class INPFormer:
         detector.net.eval()
         return detector
 
-    def fit(self, samples: Sequence[Sample], augment: bool = False, progress: bool = True) -> INPFormer:
+    def fit(self, samples: Sequence[Sample], augment: bool = False, progress: bool = True,
+            extra_good: Sequence[Sample] = ()) -> INPFormer:
         """Trains on the good images among `samples` (defective ones are ignored); with `augment` (few-shot),
         each image is expanded into the paper's 22 fixed variants. A `val_fraction` of the good images of each
-        category is held out of fitting and calibrates the decision thresholds."""
+        category is held out of fitting and calibrates the decision thresholds. `extra_good` images (e.g. an
+        operator's false rejects) are fitted on and never held out, so the held-out split stays that of `samples`."""
         good = [s for s in samples if s.label == 0]
         if not good:
             raise InpformerError("no good training images given; fit() needs images of defect-free parts")
         self.categories = sorted({s.category for s in good})
         fitting, held_out = split_validation(good, self.config.val_fraction, self.config.seed)
+        fitting += extra_good
         self.net = self._build()
         log.info("training on %d good images of %s (%d held out for calibration)", len(fitting),
                  ", ".join(self.categories), len(held_out))
@@ -133,24 +136,44 @@ class INPFormer:
             if self.config.val_fraction > 0:
                 log.warning("too few good images to hold some out (add images or raise --val-fraction)")
             log.warning("thresholds from %s", source)
-        self.calibrate(held_out or fitting, progress=progress, source=source)
+        self.calibrate(held_out or fitting, progress=progress, source=source, how="training (INPFormer.fit)")
         return self
 
     def calibrate(self, samples: Sequence[Sample], method: str = "false-reject", max_false_reject: float | None = None,
-                  progress: bool = False, source: str = "") -> Calibration:
+                  progress: bool = False, source: str = "", how: str = "") -> Calibration:
         """Sets the decision thresholds from images the model was not fitted on: good images only
         ("false-reject": reject at most `max_false_reject` of them) or good and defective ones with masks ("f1").
-        `source` says in words which images these are; it is kept with the thresholds."""
+        `source` says in words which images these are; it is kept with the thresholds, and the change is recorded
+        in their history with `how` (e.g. the command line). Minimum defect areas set before are kept."""
         scored = self.score(samples, with_masks=method == "f1", progress=progress, deployment=True)
         labels = np.array([s.label for s in scored.samples])
-        self.calibration = calibrate(
-            [s.category for s in scored.samples], labels, scored.scores, scored.maps, scored.embeddings,
-            scored.masks, method, self.config.max_false_reject if max_false_reject is None else max_false_reject)
-        self.calibration.source = source or f"{len(samples)} images given to calibrate()"
+        rate = self.config.max_false_reject if max_false_reject is None else max_false_reject
+        calibration = calibrate([s.category for s in scored.samples], labels, scored.scores, scored.maps,
+                                scored.embeddings, scored.masks, method, rate)
+        calibration.source = source or f"{len(samples)} images given to calibrate()"
+        calibration.history.append(change_record(method, how or "INPFormer.calibrate()", source=calibration.source,
+                                                 **({"max_false_reject": rate} if method == "false-reject" else {})))
+        if self.calibration is not None:
+            calibration.inherit(self.calibration)
+        self.calibration = calibration
         pooled = self.calibration.thresholds[""]
         log.info("calibrated (%s) on %d good and %d defective images: image threshold %.5f, pixel threshold %.5f",
                  method, pooled.num_good, pooled.num_defective, pooled.image, pooled.pixel)
         return self.calibration
+
+    def set_thresholds(self, image: float | None = None, pixel: float | None = None, category: str | None = None,
+                       min_defect_area: float | None = None, how: str = "") -> dict:
+        """Sets the decision thresholds by hand, in raw units (`Prediction.score` and the raw map), and/or the
+        minimum defect area (below 1 a fraction of the image area, else pixels; 0 none): for one category, or
+        without `category` for all of them. What is not given is kept. The change is recorded with the user, the
+        time and `how` (default: this call), and returned."""
+        if self.calibration is None:
+            raise InpformerError("this model has no calibrated thresholds to adjust; calibrate it on good images "
+                                 "first (they set the normalisation scales): inpformer calibrate MODEL.pt --data ROOT")
+        given = {"image": image, "pixel": pixel, "category": category, "min_defect_area": min_defect_area}
+        call = ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+        return self.calibration.set_by_hand(image, pixel, category, min_defect_area,
+                                            how or f"INPFormer.set_thresholds({call})")
 
     def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
               zero_shot: bool = False, progress: bool = False, keep_maps: bool = True,

@@ -3,6 +3,12 @@
 
 Everything a predictor needs is in the model's metadata (sizes, normalisation, calibration, categories), so an
 exported ONNX file alone is enough to predict, exactly as the checkpoint it came from.
+
+The decision rule (`decide`, the one place it is applied: predict, serve and both reports use it):
+    defect regions   the connected regions of the pixel-threshold mask at the image's original resolution; with a
+                     minimum defect area, smaller regions are dropped (from the regions, the mask and the overlay)
+    decision         defective when the image score exceeds the image threshold and, with a minimum defect area,
+                     at least one region reaches it; without one, the score alone decides
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .calibration import Calibration
+from .calibration import Calibration, Thresholds, area_pixels, describe_area
 from .data.geometry import Geometry, Size
 from .data.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess, is_image_file, read_image
 from .data.tiling import parse_tiling
@@ -130,6 +136,7 @@ class Predictor:
         if not 0 < self.top_ratio <= 1:
             raise ValueError(f"top_ratio {self.top_ratio} is not in (0, 1]")
         self.max_pixels = max_pixels
+        self.min_defect_area: float | None = None  # overrides the model's minimum defect area of every category
 
     def predict(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None,
                 category: str | None = None) -> list[Prediction]:
@@ -186,38 +193,64 @@ class Predictor:
                     score: float) -> Prediction:
         thresholds = self.calibration.for_category(category or None)
         geometry = self.tiling or self.preprocess.geometry
-        raw = geometry.to_original(token_map, image.shape[:2])
-        mask = raw > thresholds.pixel
-        normalised = thresholds.normalize_maps(raw)
-        return Prediction(
-            source=source,
-            score=float(score),
-            normalized_score=float(thresholds.normalize_scores(score)),
-            is_defective=bool(score > thresholds.image),
-            threshold=thresholds.image,
-            category=category,
-            anomaly_map=normalised,
-            mask=mask,
-            regions=defect_regions(mask, normalised),
-            image=image,
-        )
+        area = thresholds.min_defect_area if self.min_defect_area is None else self.min_defect_area
+        return decide(geometry.to_original(token_map, image.shape[:2]), float(score), thresholds,
+                      area_pixels(area, image.shape), category, source, image)
+
+
+def decide(raw_map: np.ndarray, score: float, thresholds: Thresholds, min_pixels: int, category: str,
+           source: str = "<array>", image: np.ndarray | None = None) -> Prediction:
+    """The decision rule (see the module's docstring) for an image's raw score and raw anomaly map (at its
+    original resolution, or any view of it with `min_pixels` in that view's pixels); 0 `min_pixels`: no minimum."""
+    normalised = thresholds.normalize_maps(raw_map)
+    mask, regions = find_defects(raw_map > thresholds.pixel, normalised, min_pixels)
+    return Prediction(
+        source=source,
+        score=score,
+        normalized_score=float(thresholds.normalize_scores(score)),
+        is_defective=is_defective(score, thresholds, regions, min_pixels),
+        threshold=thresholds.image,
+        category=category,
+        anomaly_map=normalised,
+        mask=mask,
+        regions=regions,
+        image=image,
+    )
+
+
+def is_defective(score: float, thresholds: Thresholds, regions: Sequence[Region] = (), min_pixels: int = 0) -> bool:
+    """The decision: the score exceeds the image threshold and, with a minimum area, a region reaches it."""
+    return bool(score > thresholds.image) and (min_pixels == 0 or any(r.area >= min_pixels for r in regions))
+
+
+def describe_rule(min_defect_area: float | None) -> str:
+    """The decision rule in words, for reports; `min_defect_area` None: one per category."""
+    rule = "defective when the score exceeds the image threshold (normalised score > 0.5)"
+    if min_defect_area == 0:
+        return rule
+    area = "its category's minimum defect area" if min_defect_area is None else describe_area(min_defect_area)
+    return f"{rule} and a region of the pixel-threshold mask covers at least {area}; smaller regions are ignored"
 
 
 def _size_json(size: Size) -> int | list[int]:
     return size[0] if size[0] == size[1] else list(size)
 
 
-def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[Region]:
-    """Connected regions (8-connectivity) of a mask, largest peak first."""
+def find_defects(mask: np.ndarray, anomaly_map: np.ndarray, min_area: int = 0) -> tuple[np.ndarray, list[Region]]:
+    """The connected regions (8-connectivity) of a mask of at least `min_area` pixels, largest peak first, and the
+    mask without the smaller ones."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return []
+        return mask, []
     index = np.arange(1, count + 1)
     peaks = ndimage.maximum(anomaly_map, labels, index)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    kept = areas >= min_area
+    if not kept.all():
+        mask = np.concatenate([[False], kept])[labels]
     regions = [Region(s[1].start, s[0].start, s[1].stop, s[0].stop, int(a), float(p))
-               for s, a, p in zip(ndimage.find_objects(labels), areas, peaks, strict=True)]
-    return sorted(regions, key=lambda r: -r.peak)
+               for s, a, p, k in zip(ndimage.find_objects(labels), areas, peaks, kept, strict=True) if k]
+    return mask, sorted(regions, key=lambda r: -r.peak)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

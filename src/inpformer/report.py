@@ -90,14 +90,19 @@ def score_figures(items: Sequence[GalleryItem]) -> list[tuple[str, str]]:
 
 
 def write_report(path: str | Path, title: str, items: Sequence[GalleryItem], summary: dict[str, str],
-                 metrics: dict[str, dict[str, float]] | None = None) -> Path:
+                 metrics: dict[str, dict[str, float]] | None = None,
+                 tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[object]]]] = ()) -> Path:
     """Writes the report; `summary` is shown as a key/value table, `metrics` (category -> metric -> fraction)
-    as the metrics table."""
+    as the metrics table, each of `tables` (title, column names, rows) after it."""
     path = Path(path)
     ordered = sorted(items, key=lambda i: -(i.normalized_score if i.normalized_score is not None else i.score))
     parts = [f"<h1>{_e(title)}</h1>", _key_values(summary)]
     if metrics:
         parts.append("<h2>Metrics (%)</h2>" + _metrics_table(metrics))
+    for table_title, columns, rows in tables:
+        head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>"
+        body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+        parts.append(f"<h2>{_e(table_title)}</h2><table class='metrics'>{head}{body}</table>")
     if items:
         parts += [f"<h2>{_e(t)}</h2><img class='figure' src='{uri}' alt='{_e(t)}'>" for t, uri in score_figures(items)]
     parts.append(f"<h2>Gallery ({len(items)} images, highest score first)</h2><div class='gallery'>")

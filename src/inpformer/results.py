@@ -36,6 +36,7 @@ class Evaluation:
     images: list[ScoredImages] = field(default_factory=list)
     std: dict[str, Metrics] | None = None  # category or "mean" -> std over repeats
     repeats: list[Evaluation] = field(default_factory=list)
+    recall: list[RecallRow] | None = None  # decisions per defect type at the calibrated thresholds, when known
 
     @property
     def mean(self) -> Metrics:
@@ -74,6 +75,56 @@ class Evaluation:
             lines.append(f"{name:<{width}} " + " ".join(
                 f"{_percent(values[m], std[m] if std else None):>{cell}}" for m in METRIC_NAMES))
         return "\n".join(lines)
+
+
+@dataclass
+class RecallRow:
+    """The decisions on one category's test images of one defect type: "good" (the false rejects), a defect type,
+    or "all defects" together."""
+
+    category: str
+    defect_type: str
+    images: int
+    defective: int  # images decided defective
+    image_threshold: float
+    min_defect_area: float
+
+    @property
+    def measure(self) -> str:
+        return "false reject" if self.defect_type == "good" else "recall"
+
+    @property
+    def rate(self) -> float:
+        return self.defective / self.images
+
+
+def recall_rows(decisions: Sequence[tuple[Sample, bool, float, float]]) -> list[RecallRow]:
+    """Per category: a row per defect type, one for all defects together (with several types) and one for the good
+    images, from (sample, decided defective, image threshold, minimum defect area) of each test image."""
+    rows = []
+    for category in sorted({sample.category for sample, *_ in decisions}):
+        items = [d for d in decisions if d[0].category == category]
+        _, _, threshold, area = items[0]
+        groups = {}
+        for sample, defective, *_ in items:
+            groups.setdefault("good" if sample.label == 0 else sample.defect_type, []).append(defective)
+        types = sorted(t for t in groups if t != "good")
+        if len(types) > 1:
+            groups["all defects"] = [d for t in types for d in groups[t]]
+            types.append("all defects")
+        rows += [RecallRow(category, t, len(groups[t]), int(sum(groups[t])), threshold, area)
+                 for t in [*types, *(["good"] if "good" in groups else [])]]
+    return rows
+
+
+def recall_table(rows: Sequence[RecallRow]) -> str:
+    """A plain-text table of `recall_rows`: defective/images and the rate in percent."""
+    width = max(8, *(len(r.category) for r in rows))
+    type_width = max(11, *(len(r.defect_type) for r in rows))
+    lines = [f"{'category':<{width}} {'defect type':<{type_width}} {'defective/images':>16} {'rate %':>7}"]
+    lines += [f"{r.category:<{width}} {r.defect_type:<{type_width}} {f'{r.defective}/{r.images}':>16} "
+              f"{100 * r.rate:>7.2f}  {r.measure}" for r in rows]
+    return "\n".join(lines)
 
 
 def mean_metrics(metrics: Sequence[Metrics] | object) -> Metrics:

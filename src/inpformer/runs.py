@@ -13,7 +13,7 @@ Layout of RUN_DIR:
                         such a run is refused. Training writes its checkpoints into .staging/ and replaces the
                         old run in one short step at the end, so a killed training leaves the old run intact.
     train.log, test.log
-    metrics.json, metrics.csv, scores.csv, maps.npz (with save_maps)   written by `test_run`
+    metrics.json, metrics.csv, scores.csv, recall.csv, maps.npz (with save_maps)   written by `test_run`
     zero-shot/          the same files for a zero-shot test
 """
 
@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -36,25 +37,27 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .calibration import METHODS, Calibration
+from .calibration import METHODS, Calibration, Thresholds, area_pixels, check_manual_values, describe_area
 from .config import Config
 from .data.augment import draw_shots
 from .data.datasets import DATASET_KINDS, load_dataset, load_folder
 from .data.geometry import Geometry
-from .data.images import Sample, read_image
+from .data.images import Sample, image_shape, read_image
 from .detector import INPFormer, split_validation, training_calibration_source
 from .distributed import is_main_process
 from .errors import InpformerError
 from .files import output_folder, write_atomically, write_text_atomically
+from .inference import Prediction, decide, describe_rule, is_defective
 from .metrics import METRIC_NAMES
 from .report import GalleryItem, image_uri, write_report
-from .results import Evaluation, ScoredImages, combine_repeats, merge
-from .visualize import overlay, prediction_overlay
+from .results import Evaluation, RecallRow, ScoredImages, combine_repeats, merge, recall_rows, recall_table
+from .visualize import overlay
 
 log = logging.getLogger("inpformer")
 SETTINGS = ("single", "multi", "super-multi", "few-shot")
 INCOMPLETE, STAGING = "INCOMPLETE", ".staging"
-RESULT_FILES = ("metrics.json", "metrics.csv", "scores.csv", "maps.npz", "report.html", "zero-shot")  # of `test_run`
+RESULT_FILES = ("metrics.json", "metrics.csv", "scores.csv", "recall.csv", "maps.npz", "report.html",
+                "zero-shot")  # of `test_run`
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,10 @@ def load_samples(sources: Sequence[DataSource], split: str, categories: Sequence
 
 def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, setting: str = "single",
               categories: Sequence[str] | None = None, shots: int | None = None, repeats: int = 1,
-              progress: bool = True) -> dict:
+              progress: bool = True, extra_good: str | Path | None = None) -> dict:
     """Trains the detector(s) of a run and writes RUN_DIR/run.json; returns its content. Retraining into an existing
-    run replaces it only once every new model is trained (see the module's docstring)."""
+    run replaces it only once every new model is trained (see the module's docstring). `extra_good`: a plain folder
+    of more good images of the one category trained (e.g. an operator's feedback/good), fitted on, never held out."""
     _check_setting(setting, sources, shots, repeats)
     out = output_folder(out, "--out")
     staging = out / STAGING
@@ -123,6 +127,7 @@ def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, se
         log.info("run %s: setting %s, %d categories (%s), %d training images", out, setting, len(found),
                  ", ".join(found), len(samples))
         plans = _training_plans(setting, samples, found, config.seed, shots, repeats)
+        extra = _extra_good(extra_good, found, setting) if extra_good else []
         if is_main_process():
             shutil.rmtree(staging, ignore_errors=True)  # what an interrupted training left
         models, seconds = {}, {}
@@ -130,13 +135,15 @@ def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, se
             start = time.perf_counter()
             model_config = dataclasses.replace(config, seed=config.seed + repeat)
             detector = INPFormer.from_config(model_config)
-            detector.fit(items, augment=setting == "few-shot", progress=progress)
+            detector.fit(items, augment=setting == "few-shot", progress=progress, extra_good=extra)
             file = Path("models") / f"{name}.pt"
             if is_main_process():  # the processes of a data-parallel run hold the same model
                 detector.save(staging / file)
             seconds[name] = time.perf_counter() - start
             models[name] = {"file": str(file), "categories": detector.categories, "repeat": repeat,
                             "training_images": [str(s.path) for s in items] if setting == "few-shot" else len(items)}
+            if extra:
+                models[name]["extra_good"] = {"folder": str(Path(extra_good).resolve()), "images": len(extra)}
             log.info("model %s: trained in %.1f min", name, seconds[name] / 60)
         run = {"setting": setting, "data": [s.to_json() for s in sources], "categories": found, "shots": shots,
                "repeats": repeats, "models": models, "config": config.to_dict(), "train_seconds": seconds}
@@ -144,6 +151,13 @@ def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, se
             _replace_run(out, run)
             log.info("saved run %s (%s)", out, ", ".join(str(out / m["file"]) for m in models.values()))
     return run
+
+
+def _extra_good(folder: str | Path, categories: list[str], setting: str) -> list[Sample]:
+    if setting == "few-shot" or len(categories) != 1:
+        raise InpformerError(f"--extra-good adds good images to one category, and this training has {len(categories)}"
+                             f" ({', '.join(categories)}); train one category (--categories NAME), not few-shot")
+    return load_folder(folder, category=categories[0])[0]
 
 
 def _check_setting(setting: str, sources: Sequence[DataSource], shots: int | None, repeats: int) -> None:
@@ -244,6 +258,8 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
     """Evaluates the models of a run on their categories' test images (or, zero-shot, one model on any
     categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into `out`: by default the run
     directory, or RUN_DIR/zero-shot for zero-shot tests, so they never overwrite the run's own results.
+    With calibrated thresholds (not zero-shot), also the decisions per defect type: recall.csv and
+    `Evaluation.recall` (few-shot runs: of the first draw).
     With `report`, also report.html: metrics, curves, histograms and a gallery with the calibrated decisions.
     `run_dir` may also be a single checkpoint (e.g. an imported model): it is tested on every category of
     `sources` (required), and the results go by default to the folder <checkpoint name>-test beside it."""
@@ -273,6 +289,7 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
         by_repeat: dict[int, list[Evaluation]] = {}
         gallery: list[GalleryItem] = []
         thresholds: dict[str, str] = {}
+        decisions: list[tuple[Sample, bool, float, float]] = []
         start = time.perf_counter()
         for name, info in models.items():
             detector = INPFormer.load(run_dir / info["file"])
@@ -283,11 +300,19 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
                             ", ".join(info["categories"]), roots)
                 continue
             log.info("model %s: testing on %d images%s", name, len(items), " (zero-shot)" if zero_shot else "")
+            decide_here = detector.calibration is not None and not zero_shot and info.get("repeat", 0) == 0
+            area_rule = decide_here and any(t.min_defect_area for t in detector.calibration.thresholds.values())
             evaluation = detector.evaluate(items, zero_shot=zero_shot, progress=progress,
-                                           keep_maps=save_maps or report)
+                                           keep_maps=save_maps or report or area_rule)
             by_repeat.setdefault(info.get("repeat", 0), []).append(evaluation)
+            if decide_here:
+                decisions += [d for scored in evaluation.images for d in _decisions(detector, scored)]
+            elif detector.calibration is None or zero_shot:
+                reason = ("zero-shot maps do not follow its thresholds" if zero_shot else
+                          "no calibrated thresholds (set them with `inpformer calibrate`)")
+                log.info("model %s: %s, so no recall per defect type", name, reason)
             if report and info.get("repeat", 0) == 0:
-                gallery += [item for scored in evaluation.images for item in _gallery(detector, scored)]
+                gallery += [item for scored in evaluation.images for item in gallery_items(detector, scored)]
                 if detector.calibration:
                     thresholds[f"image threshold ({name})"] = _describe(detector.calibration)
         seconds = time.perf_counter() - start
@@ -296,14 +321,20 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
         log.info("tested %d images in %.1f s (%.1f images/s), peak memory %.0f MB", num_images, seconds,
                  num_images / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         _warn_missing_metrics(evaluation)
+        evaluation.recall = recall_rows(decisions) if decisions else None
         write_results(out, evaluation, save_maps)
+        if evaluation.recall:
+            log.debug("decisions at the calibrated thresholds:\n%s", recall_table(evaluation.recall))
         if report:
+            areas = {area for *_, area in decisions} or {0.0}
             summary = {"run": str(target), "setting": run.get("setting", ""), "images": str(num_images),
                        "zero-shot": str(zero_shot), **thresholds,
-                       "decision": "defective when the score exceeds the image threshold (normalised score > 0.5)"}
+                       "decision": describe_rule(areas.pop() if len(areas) == 1 else None)}
             metrics = {name: values for name, values, _ in evaluation.rows()}
+            tables = [("Decisions per defect type at the calibrated thresholds", RECALL_COLUMNS,
+                       _recall_cells(evaluation.recall))] if evaluation.recall else []
             log.info("report: %s", write_report(out / "report.html", "inpformer test report", gallery, summary,
-                                                 metrics))
+                                                 metrics, tables))
     return evaluation
 
 
@@ -319,19 +350,39 @@ def select_models(run: dict, model: str | None, zero_shot: bool) -> dict:
     return models
 
 
-def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None, method: str = "false-reject",
-                  max_false_reject: float | None = None, model: str | None = None, progress: bool = True) -> dict:
+def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None, method: str | None = None,
+                  max_false_reject: float | None = None, model: str | None = None, progress: bool = True,
+                  image_threshold: float | None = None, pixel_threshold: float | None = None,
+                  category: str | None = None, min_defect_area: float | None = None, how: str = "") -> dict:
     """Recomputes the thresholds of a run's models without retraining, and saves them into the checkpoints.
 
     Images: with `sources`, their test split (false-reject uses its good images, f1 good and defective ones with
-    masks); without, f1 uses the run's own test split and false-reject the run's held-out good training images
+    masks; plain folders also give their good images, e.g. an operator's feedback/good, to a one-category model);
+    without, f1 uses the run's own test split and false-reject the run's held-out good training images
     (the same split as at training, so only --max-false-reject changes). Returns model name -> pooled thresholds.
     `run_dir` may also be a single checkpoint (e.g. an imported model), calibrated on `sources` (required): their
-    test split, and for plain folders also the good images of --data-good; it logs to <checkpoint>.calibrate.log."""
+    test split, and for plain folders also the good images of --data-good; it logs to <checkpoint>.calibrate.log.
+
+    By hand instead: `image_threshold` / `pixel_threshold` (raw units), or `min_defect_area` alone, set those
+    values without images (see `INPFormer.set_thresholds`), for `category` or every category. A `min_defect_area`
+    given with images is set after calibrating; otherwise the models' minimum areas are kept. Every change is
+    recorded in the models' calibration history with `how` (e.g. the command line)."""
+    check_manual_values(image_threshold, pixel_threshold, min_defect_area)
+    by_hand = image_threshold is not None or pixel_threshold is not None
+    if by_hand or (min_defect_area is not None and not sources and method is None and max_false_reject is None):
+        if sources or method is not None or max_false_reject is not None:
+            raise InpformerError("--image-threshold and --pixel-threshold set thresholds by hand, without images: "
+                                 "drop --data, --method and --max-false-reject (or the thresholds)")
+        return _set_by_hand(Path(run_dir), model, category, image_threshold, pixel_threshold, min_defect_area, how)
+    if category is not None:
+        raise InpformerError("--category applies to thresholds set by hand (--image-threshold, --pixel-threshold, "
+                             "or --min-defect-area alone); calibrating on images sets every category")
+    method = method or "false-reject"
     if method not in METHODS:
         raise InpformerError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     target = Path(run_dir)
     checkpoint = target.is_file()
+    folders = bool(sources) and all(s.kind == "folder" for s in sources)  # e.g. --data-good FEEDBACK/good
     if checkpoint:
         sources, held_out = _checkpoint_sources(target, sources, "calibrate"), False
         samples = load_samples(sources, "test")
@@ -348,6 +399,8 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
     with log_to_file(log_file):
         if not checkpoint:
             samples = load_samples(sources, "train" if held_out else "test")
+            if folders:
+                samples = _in_model_category(load_samples(sources, "train") + samples, models)
         for name, info in models.items():
             path = run_dir / info["file"]
             detector = INPFormer.load(path)
@@ -361,15 +414,57 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
             else:
                 good, defective = sum(s.label == 0 for s in items), sum(s.label != 0 for s in items)
                 source = (f"{good} good{f' and {defective} defective' if method == 'f1' else ''} "
-                          f"{'' if checkpoint else 'test '}images of {', '.join(s.root for s in sources)}")
+                          f"{'' if checkpoint or folders else 'test '}images of {', '.join(s.root for s in sources)}")
             if not items:
                 raise InpformerError(f"no calibration images for model {name} ({', '.join(info['categories'])}) in "
                                      f"{', '.join(s.root for s in sources)}; check --data")
-            detector.calibrate(items, method, max_false_reject, progress=progress, source=source)
+            detector.calibrate(items, method, max_false_reject, progress=progress, source=source, how=how)
+            if min_defect_area is not None:
+                detector.set_thresholds(min_defect_area=min_defect_area, how=how)
             detector.save(path)
             results[name] = detector.calibration.thresholds[""]
             log.info("model %s: thresholds saved to %s", name, path)
     return results
+
+
+def _set_by_hand(target: Path, model: str | None, category: str | None, image: float | None, pixel: float | None,
+                 min_defect_area: float | None, how: str) -> dict[str, Thresholds]:
+    """`calibrate_run` by hand: the models of a run (those that know `category`, if given) or one checkpoint.
+    Returns model name -> the thresholds of `category` (or the pooled ones)."""
+    if target.is_file():
+        run_dir, log_file = target.parent, target.with_suffix(".calibrate.log")
+        models = select_models({"models": {target.stem: {"file": target.name}}}, model, False)
+    else:
+        run_dir, log_file, run = target, target / "calibrate.log", read_run(target)
+        models = select_models(run, model, False)
+        if category is not None:
+            models = {name: info for name, info in models.items() if category in info["categories"]}
+            if not models:
+                known = sorted({c for info in run["models"].values() for c in info["categories"]})
+                raise InpformerError(f"--category {category}: no model of {target} knows it; known: "
+                                     f"{', '.join(known)}")
+    results = {}
+    with log_to_file(log_file):
+        for name, info in models.items():
+            path = run_dir / info["file"]
+            detector = INPFormer.load(path)
+            change = detector.set_thresholds(image, pixel, category, min_defect_area, how)
+            detector.save(path)
+            results[name] = detector.calibration.thresholds[category or ""]
+            log.info("model %s: %s set by hand by %s at %s (%s); saved to %s", name, ", ".join(
+                f"{key} {value:g}" for key, value in change.items() if key in ("image", "pixel", "min_defect_area")),
+                change["by"], change["at"], change["category"], path)
+    return results
+
+
+def _in_model_category(samples: list[Sample], models: dict) -> list[Sample]:
+    """Images of plain folders, which name no category, as images of the one model's one category."""
+    categories = [c for info in models.values() for c in info["categories"]]
+    if len(categories) != 1:
+        raise InpformerError(f"plain folders (--data-good) hold images of one category, and these models have "
+                             f"{len(categories)} ({', '.join(categories)}); choose a model of one category with "
+                             "--model NAME")
+    return [dataclasses.replace(s, category=categories[0]) for s in samples]
 
 
 def _checkpoint_sources(path: Path, sources: Sequence[DataSource] | None, command: str) -> Sequence[DataSource]:
@@ -387,28 +482,67 @@ def _checkpoint_run(path: Path, samples: Sequence[Sample]) -> dict:
 
 def _describe(calibration: Calibration) -> str:
     pooled = calibration.thresholds[""]
-    return f"{pooled.image:.6f} ({pooled.method}; set on {calibration.source or 'unrecorded images'})"
+    area = f"; minimum defect area {describe_area(pooled.min_defect_area)}" if pooled.min_defect_area else ""
+    return f"{pooled.image:.6f} ({pooled.method}; set on {calibration.source or 'unrecorded images'}{area})"
 
 
-def _gallery(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:
-    """Report items for evaluated images: the overlay on the centre crop the model saw, with ground truth."""
+def gallery_items(detector: INPFormer, scored: ScoredImages) -> list[GalleryItem]:
+    """Report items for evaluated images, with ground truth: the overlay on the centre crop the model saw (tiled
+    models: on the whole image) and, with calibrated thresholds, the decision and defect outlines of `decide`."""
     items = []
     crop = detector.preprocess.crop_size
-    crop_geometry = Geometry(crop, crop)
     for sample, score, anomaly_map in zip(scored.samples, scored.scores, scored.maps, strict=True):
-        view = detector.preprocess.view(read_image(sample.path))
-        crop_map = crop_geometry.to_original(anomaly_map.astype(np.float32), crop)
+        image = read_image(sample.path)
         if detector.calibration:
-            thresholds = detector.calibration.for_category(sample.category)
-            picture = prediction_overlay(view, thresholds.normalize_maps(crop_map), crop_map > thresholds.pixel)
-            normalised = float(thresholds.normalize_scores(score))
-            decision = "defective" if score > thresholds.image else "good"
+            prediction = _evaluated_prediction(detector, sample, float(score), anomaly_map, image)
+            picture, normalised, decision = prediction.overlay(), prediction.normalized_score, prediction.decision
         else:
+            crop_map = Geometry(crop, crop).to_original(anomaly_map.astype(np.float32), crop)
             limits = np.percentile(np.concatenate([np.ravel(m) for m in scored.maps]), [1, 99.9])
-            picture, normalised, decision = overlay(view, crop_map, *limits), None, None
+            picture, normalised, decision = overlay(detector.preprocess.view(image), crop_map, *limits), None, None
         items.append(GalleryItem(str(sample.path), sample.category, float(score), normalised, decision,
                                  image_uri(picture), label=sample.label))
     return items
+
+
+def _decisions(detector: INPFormer, scored: ScoredImages) -> list[tuple[Sample, bool, float, float]]:
+    """(sample, decided defective, image threshold, minimum defect area) of evaluated images, by the rule of
+    `decide` (the maps are needed only with a minimum defect area)."""
+    decisions = []
+    for index, (sample, score) in enumerate(zip(scored.samples, scored.scores, strict=True)):
+        thresholds = _thresholds(detector.calibration, sample.category)
+        if thresholds.min_defect_area:
+            defective = _evaluated_prediction(detector, sample, float(score), scored.maps[index]).is_defective
+        else:
+            defective = is_defective(float(score), thresholds)
+        decisions.append((sample, defective, thresholds.image, thresholds.min_defect_area))
+    return decisions
+
+
+def _evaluated_prediction(detector: INPFormer, sample: Sample, score: float, anomaly_map: np.ndarray,
+                          image: np.ndarray | None = None) -> Prediction:
+    """`decide` on an evaluated image's map: on the centre crop the model saw, with the minimum defect area
+    scaled from the original image's pixels to the crop's (tiled models: at the original resolution)."""
+    thresholds = _thresholds(detector.calibration, sample.category)
+    shape = image.shape[:2] if image is not None else image_shape(sample.path)
+    anomaly_map = anomaly_map.astype(np.float32)
+    min_pixels = area_pixels(thresholds.min_defect_area, shape)
+    tiling = detector.config.tiling()
+    if tiling:
+        return decide(tiling.to_original(anomaly_map, shape), score, thresholds, min_pixels, sample.category,
+                      str(sample.path), image)
+    crop = detector.preprocess.crop_size
+    resized = detector.preprocess.geometry.placement(shape).resized
+    scale = resized[0] * resized[1] / (shape[0] * shape[1])
+    return decide(Geometry(crop, crop).to_original(anomaly_map, crop), score, thresholds,
+                  math.ceil(min_pixels * scale), sample.category, str(sample.path),
+                  None if image is None else detector.preprocess.view(image))
+
+
+def _thresholds(calibration: Calibration, category: str) -> Thresholds:
+    """A category's thresholds; the pooled ones for categories the calibration did not see (a checkpoint tested
+    on other data)."""
+    return calibration.thresholds.get(category, calibration.thresholds[""])
 
 
 def _warn_missing_metrics(evaluation: Evaluation) -> None:
@@ -434,6 +568,14 @@ def write_results(run_dir: Path, evaluation: Evaluation, save_maps: bool) -> Non
         for sample, score in zip(scored.samples, scored.scores, strict=True):
             rows.append([sample.path, sample.category, sample.defect_type, sample.label, f"{score:.6f}"])
     write_text_atomically(run_dir / "scores.csv", _csv(rows))
+    if evaluation.recall:
+        rows = [["category", "defect_type", "images", "decided_defective", "rate", "measure", "image_threshold",
+                 "min_defect_area"]]
+        rows += [[r.category, r.defect_type, r.images, r.defective, f"{r.rate:.6f}", r.measure,
+                  f"{r.image_threshold:.6f}", f"{r.min_defect_area:g}"] for r in evaluation.recall]
+        write_text_atomically(run_dir / "recall.csv", _csv(rows))
+    else:  # no decisions this time: a recall.csv of an earlier test would not describe these results
+        (run_dir / "recall.csv").unlink(missing_ok=True)
     if save_maps:
         maps = [m.astype(np.float32) for i in images for m in i.maps]
         masks = [m.astype(np.uint8) for i in images for m in i.masks]
@@ -454,6 +596,15 @@ def write_results(run_dir: Path, evaluation: Evaluation, save_maps: bool) -> Non
                 np.savez_compressed(file, **columns)
 
         write_atomically(run_dir / "maps.npz", save)
+
+
+RECALL_COLUMNS = ("category", "defect type", "defective / images", "rate (%)", "measure", "image threshold",
+                  "minimum defect area")
+
+
+def _recall_cells(rows: Sequence[RecallRow]) -> list[list[str]]:
+    return [[r.category, r.defect_type, f"{r.defective} / {r.images}", f"{100 * r.rate:.2f}", r.measure,
+             f"{r.image_threshold:.6f}", describe_area(r.min_defect_area)] for r in rows]
 
 
 def _csv(rows: list[list]) -> str:

@@ -1,4 +1,6 @@
 // Operator page: drop or pick images, POST each to /predict, show a result card and a line in the recent list.
+// With feedback on (serve --feedback-dir), a card's button sends the image back to /feedback marked as the opposite
+// of its decision: a false reject ("this part is good") or a missed defect ("this part is defective").
 "use strict";
 
 const KEY_STORAGE = "inpformer.apiKey";
@@ -9,6 +11,7 @@ const keyInput = document.getElementById("api-key");
 const categorySelect = document.getElementById("category");
 const drop = document.getElementById("drop");
 const picker = document.getElementById("files");
+let feedbackOn = false;
 
 function authHeaders() {
   const key = keyInput.value.trim();
@@ -25,6 +28,7 @@ async function loadModel() {
     line.textContent = `${body.backbone} · ${size}px · ${body.categories.join(", ")}`;
     categorySelect.replaceChildren(new Option("recognise", ""), ...body.categories.map((c) => new Option(c, c)));
     categorySelect.disabled = body.categories.length < 2;
+    feedbackOn = Boolean(body.feedback);
   } catch (error) {
     line.textContent = `model unavailable: ${error.message}`;
   }
@@ -55,7 +59,39 @@ function newCard(name) {
   return card;
 }
 
-function fillCard(card, result) {
+async function mark(file, label, result) {
+  const { mask_png, overlay_png, ...summary } = result; // the images stay here
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("label", label);
+  form.append("result", JSON.stringify(summary));
+  const response = await fetch("feedback", { method: "POST", body: form, headers: authHeaders() });
+  const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body.stored;
+}
+
+function offerFeedback(card, file, result) {
+  const label = result.decision === "defective" ? "good" : "defective";
+  const row = card.querySelector(".feedback");
+  const button = row.querySelector(".mark");
+  const status = row.querySelector(".mark-status");
+  button.textContent = label === "good" ? "This part is good (false reject)" : "This part is defective (missed defect)";
+  button.dataset.label = label;
+  row.hidden = false;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    status.textContent = "saving…";
+    try {
+      status.textContent = `marked ${label}: ${await mark(file, label, result)}`;
+    } catch (error) {
+      status.textContent = `not saved: ${error.message}`;
+      button.disabled = false;
+    }
+  });
+}
+
+function fillCard(card, result, file) {
   const badge = card.querySelector(".decision");
   if (result.error) {
     card.classList.add("error");
@@ -76,6 +112,7 @@ function fillCard(card, result) {
   card.querySelector(".details").textContent =
     `score ${result.score.toFixed(4)} vs threshold ${result.threshold.toFixed(4)} ` +
     `(normalised ${result.normalized_score.toFixed(2)}) · ${result.category || "-"} · ${regions}`;
+  if (feedbackOn) offerFeedback(card, file, result);
 }
 
 function addRecent(result) {
@@ -104,7 +141,7 @@ async function handle(files) {
     } catch (error) {
       result = { source: file.name, error: `network error: ${error.message}` };
     }
-    fillCard(card, result);
+    fillCard(card, result, file);
     addRecent(result);
   }));
 }

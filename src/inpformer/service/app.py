@@ -1,5 +1,5 @@
-"""HTTP service: `inpformer serve RUN_DIR` answers POST /predict with decisions, masks and defect boxes, and serves
-an operator page at /.
+"""HTTP service: `inpformer serve RUN_DIR` answers POST /predict with decisions, masks and defect boxes, serves
+an operator page at /, and with --feedback-dir keeps the images operators mark as wrongly judged (POST /feedback).
 
 Inference threads own the predictor. A request reads its images' sizes from their headers and takes their pixels
 from the server's pixel budget before decoding anything (413 if the request could never fit, 503 with Retry-After
@@ -42,12 +42,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from . import __version__
-from .data.images import IMAGE_FORMATS, image_pixels, read_image
-from .deploy import load_predictor
-from .errors import InpformerError
-from .inference import Prediction, Predictor
-from .visualize import prediction_overlay
+from .. import __version__
+from ..data.images import IMAGE_FORMATS, image_pixels, read_image
+from ..deploy import load_predictor
+from ..errors import InpformerError
+from ..inference import Prediction, Predictor
+from ..visualize import prediction_overlay
+from .feedback import feedback_folders, parse_mark, store_mark
 
 log = logging.getLogger("inpformer")
 STATIC = Path(__file__).parent / "static"
@@ -86,6 +87,7 @@ class Settings:
     queue_size: int = 64  # images waiting for inference; beyond: 503
     threads: int = 1  # inference threads
     api_key: str | None = None  # needed by every endpoint but /health and the page; or $INPFORMER_API_KEY
+    feedback_dir: str | None = None  # where POST /feedback keeps marked images; None: off
 
     def __post_init__(self):
         for name, option in _OPTIONS.items():
@@ -97,6 +99,8 @@ class Settings:
         self.max_files = min(self.max_files, self.queue_size)  # a larger request could never be queued
         self.max_request_pixels = min(self.max_request_pixels, self.max_inflight_pixels)  # nor admitted
         self.api_key = self.api_key or os.environ.get(API_KEY_ENV) or None
+        if self.feedback_dir is not None:
+            self.feedback_dir = str(feedback_folders(self.feedback_dir))
 
 
 def upload_limit(megabytes: float) -> int:
@@ -355,6 +359,7 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     settings = settings or Settings()
 
     weight = pixel_weight(predictor)
+    marked_by = {key: predictor.metadata.get(key) for key in ("backbone", "categories", "created")}  # for feedback
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -397,8 +402,9 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
                 "thresholds": meta["calibration"]["thresholds"],
                 "threshold_source": predictor.calibration.source, "created": meta.get("created"),
                 "versions": meta.get("versions", {}), "runtime": type(predictor.runtime).__name__,
-                "server_version": __version__,
-                "limits": {k: v for k, v in dataclasses.asdict(settings).items() if k != "api_key"}
+                "server_version": __version__, "feedback": settings.feedback_dir is not None,
+                "limits": {k: v for k, v in dataclasses.asdict(settings).items()
+                           if k not in ("api_key", "feedback_dir")}
                 | {"pixel_weight": weight}}
 
     @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
@@ -442,7 +448,68 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
         finally:
             lease.close()
 
+    @app.post("/feedback", dependencies=auth, openapi_extra=FEEDBACK_BODY, responses=FEEDBACK_RESPONSES,
+              summary="Keep an image an operator marked as good (a false reject) or defective (a missed defect)")
+    async def feedback(request: Request) -> JSONResponse:
+        """Stores the image as good/<name>.png or defective/<name>.png under --feedback-dir, with a JSON sidecar
+        of the mark and the result it corrects; answers {"stored": "good/<name>.png"}."""
+        if settings.feedback_dir is None:
+            return JSONResponse({"error": "operator feedback is off on this server (server option --feedback-dir "
+                                          "DIR turns it on)"}, 404)
+        name, data, label, result = await _read_mark(request)
+        try:
+            mark = parse_mark(label, result)
+            pixels = await run_in_threadpool(image_pixels, data, settings.max_pixels, name, IMAGE_FORMATS)
+        except InpformerError as error:
+            return JSONResponse({"error": str(error)}, 400)
+        if pixels > settings.max_request_pixels:
+            return JSONResponse({"error": f"request too large: the image has {pixels} pixels, over the limit of "
+                                          f"{settings.max_request_pixels} per request (server option "
+                                          "--max-request-pixels)"}, 413)
+        try:
+            lease = request.app.state.pixels.take(pixels)
+        except Busy as error:
+            return _busy(error)
+        try:
+            stored = await lease.run(_keep_mark, Path(settings.feedback_dir), data, pixels, name, label, mark,
+                                     marked_by)
+        except InpformerError as error:
+            return JSONResponse({"error": str(error)}, 400)
+        finally:
+            lease.close()
+        return JSONResponse({"stored": stored})
+
     return app
+
+
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file", "label", "result"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "label": {"type": "string", "enum": ["good", "defective"]},
+        "result": {"type": "string", "description": "the JSON object /predict returned for this image"}}}}}}}
+FEEDBACK_RESPONSES = {400: {"description": "no image, an unreadable one, or a bad label or result"},
+                      401: {"description": "missing or wrong API key"},
+                      404: {"description": "feedback is off (no --feedback-dir)"},
+                      413: {"description": "request too large (bytes or pixels)"},
+                      503: {"description": "pixel budget full; retry after Retry-After seconds"}}
+
+
+async def _read_mark(request: Request) -> tuple[str, bytes, str, str]:
+    """(file name, image bytes, label, result JSON text) of a multipart POST /feedback."""
+    media_type, _ = parse_options_header(request.headers.get("content-type"))
+    if media_type != b"multipart/form-data":
+        raise HTTPException(400, "send a multipart form: file (the image), label (good or defective) and result "
+                                 "(the JSON /predict returned for it)")
+    async with request.form(max_files=1, max_fields=2) as form:
+        file, label, result = form.get("file"), form.get("label"), form.get("result")
+        if not isinstance(file, UploadFile) or not isinstance(label, str) or not isinstance(result, str):
+            raise HTTPException(400, "the form needs the fields file (the image), label (good or defective) and "
+                                     "result (the JSON /predict returned for it)")
+        return _clip(file.filename or "upload"), await file.read(), label, result
+
+
+def _keep_mark(folder: Path, data: bytes, pixels: int, name: str, label: str, mark: dict, model: dict) -> str:
+    return store_mark(folder, read_image(data, pixels, name, IMAGE_FORMATS), name, label, mark, model)
 
 
 def _busy(error: Busy) -> JSONResponse:
@@ -577,7 +644,7 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime
     os.environ[_WORKER_ENV] = json.dumps({"target": str(target), "runtime": runtime, "model": model,
                                           "threads": threads, "settings": dataclasses.asdict(settings)})
     # Loading a model can keep a worker from answering uvicorn's health pings for more than the default 5 s.
-    uvicorn.run("inpformer.serving:app_from_env", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("inpformer.service.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 timeout_worker_healthcheck=120)
 
 
