@@ -280,7 +280,7 @@ def test_ground_truth_follows_the_reference_protocol(image_size, crop_size):
     reference = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.CenterCrop(crop_size),
                                     transforms.ToTensor()])(Image.fromarray(mask.astype(np.uint8) * 255))
     reference = F.interpolate(reference[None], size=256, mode="nearest")[0, 0] > 0.5
-    coverage = torch.from_numpy(Preprocess(image_size, crop_size).mask(mask))[None]
+    coverage = torch.from_numpy(Preprocess(image_size, crop_size).mask(mask).copy())[None]
     ours = mask_on_map(coverage, (256, 256))[0]
     assert torch.equal(ours.bool(), reference)
 
