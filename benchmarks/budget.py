@@ -14,6 +14,12 @@ both through `AnomalyScorer` (upsampling, blur, top-1 % score) and `MetricAccumu
     python benchmarks/budget.py --data ../shared/datasets/magnetic_tile --image-size 224 --steps 250,500,1000 \\
         --out runs/budget/mt_224.json
     python benchmarks/budget.py --data ../shared/datasets/tire --image-size 448 --train-tokens 256 ...
+    python benchmarks/budget.py --data demo --steps 200 --seeds 0,1 --pos-embed size --out runs/budget/demo_size.json
+    python benchmarks/budget.py --data ../shared/datasets/tire --steps 400 --variants warmup25:warmup_iterations=25 ...
+
+`--data demo` is `make demo`'s data (ELPV cells, image labels only: pixel metrics are NaN). `--variants` trains one
+curve per `NAME:KEY=VALUE,...` (config fields changed from the preset; `preset` alone is the preset itself) and
+`--seeds` repeats each with other seeds (initialisation, data order, token subsets), all from one feature cache.
 
 Train minutes at each point = encoding the training images + the optimizer steps so far (evaluation excluded);
 run it alone on the machine (the timings are wall-clock).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -32,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from inpformer import load_mvtec, make_config
+from inpformer import backbone, load_mvtec, make_config
 from inpformer.backbone import load_encoder
 from inpformer.data.geometry import format_size
 from inpformer.data.images import ImageDataset, Preprocess
+from inpformer.demo import elpv_samples
 from inpformer.detector import split_validation
 from inpformer.metrics import METRIC_NAMES, MetricAccumulator
 from inpformer.model import INPFormerNet
@@ -103,7 +111,7 @@ def evaluate(token_maps_of, features: torch.Tensor, labels, masks, valid, scorer
 
 
 def learning_curve(net: INPFormerNet, train_set, train_features: torch.Tensor, config, steps: list[int],
-                   cache_seconds: float, test_data, scorer: AnomalyScorer) -> list[dict]:
+                   cache_seconds: float, test_data, scorer: AnomalyScorer, label: str) -> list[dict]:
     """Trains `net` for max(steps) steps from the cached features, evaluating after each of `steps`."""
     rows, clock = [], {"train": 0.0, "since": time.perf_counter()}
 
@@ -114,7 +122,7 @@ def learning_curve(net: INPFormerNet, train_set, train_features: torch.Tensor, c
         model.eval()
         metrics = evaluate(lambda f: scorer.token_maps(model.decode(f)), *test_data, scorer)
         model.train()
-        rows.append({"method": f"INP-Former (train tokens {config.train_tokens or 'all'})", "steps": done,
+        rows.append({"method": f"INP-Former ({label})", "seed": config.seed, "steps": done,
                      "train_min": (cache_seconds + clock["train"]) / 60, "step_s": clock["train"] / done, **metrics})
         print(_format(rows[-1]), flush=True)
         clock["since"] = time.perf_counter()
@@ -130,12 +138,19 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--image-size", help="R or HxW (no crop)")
     parser.add_argument("--resize-mode", choices=("stretch", "pad"))
-    parser.add_argument("--train-tokens", default="all",
-                        help="decoder tokens per image per step, or 'all'; a comma list trains one model each")
+    parser.add_argument("--train-tokens", default="preset",
+                        help="decoder tokens per image per step, 'all', or the preset's; a comma list trains one "
+                             "model each")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--steps", default="250,500,1000",
                         help="evaluate INP-Former after these steps (0: train none); a ';'-separated list gives "
                              "one per --train-tokens")
+    parser.add_argument("--variants", nargs="+", default=["preset"],
+                        help="NAME:KEY=VALUE,... config changes, one curve each (with a single --train-tokens)")
+    parser.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
+    parser.add_argument("--pos-embed", choices=("dinov2", "size"), default="dinov2",
+                        help="position embeddings: DINOv2's interpolation (scale (n + 0.1) / N), or resampled to "
+                             "the exact grid size (timm's resample_abs_pos_embed, used before)")
     parser.add_argument("--bank-size", type=int, default=16384, help="baseline memory bank (0: every token)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--out", required=True, help="JSON file for the results")
@@ -147,6 +162,11 @@ def main() -> None:
         steps_list *= len(tokens_list)
     if len(steps_list) != len(tokens_list):
         parser.error("give one --steps list, or one per --train-tokens value (separated by ';')")
+    if args.variants != ["preset"] and len(tokens_list) > 1:
+        parser.error("--variants goes with a single --train-tokens value")
+    variants = dict(_variant(text) for text in args.variants)
+    if args.pos_embed == "size":  # offset 0: scale n / N, i.e. exactly the n x n output grid's sampling positions
+        backbone.dinov2_pos_embed = functools.partial(backbone.dinov2_pos_embed, offset=0.0)
     config = make_config(args.preset, image_size=args.image_size, resize_mode=args.resize_mode,
                          batch_size=args.batch_size)
     seed_everything(config.seed)
@@ -154,8 +174,9 @@ def main() -> None:
     net = INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, config.num_inps, config.decoder_depth)
     preprocess = Preprocess(config.image_size, config.crop_size, resize_mode=config.resize_mode)
     scorer = AnomalyScorer(config.crop_size, config.map_size, config.blur_kernel, config.blur_sigma, config.top_ratio)
-    fitting, _ = split_validation(load_mvtec(args.data, "train"), config.val_fraction, config.seed)
-    test = load_mvtec(args.data, "test")
+    train_samples, test = elpv_samples() if args.data == "demo" else (load_mvtec(args.data, "train"),
+                                                                       load_mvtec(args.data, "test"))
+    fitting, _ = split_validation(train_samples, config.val_fraction, config.seed)
 
     start = time.perf_counter()
     train_set = ImageDataset(fitting, preprocess)
@@ -163,7 +184,8 @@ def main() -> None:
     cache_seconds = time.perf_counter() - start
     test_data = encode_test(net, preprocess, test, scorer.map_shape)
     test_features = test_data[0]
-    print(f"{Path(args.data).name}: {len(fitting)} training, {len(test)} test images at "
+    print(f"{Path(args.data).name} (position embeddings: {args.pos_embed}): {len(fitting)} training, "
+          f"{len(test)} test images at "
           f"{format_size(preprocess.crop_size)} ({config.resize_mode}), "
           f"{test_features.shape[2]} tokens; encoding the training images took {cache_seconds:.0f} s", flush=True)
     rows = []
@@ -178,20 +200,41 @@ def main() -> None:
                      "search_ms_per_image": 1000 * (time.perf_counter() - start) / len(test), **metrics})
         print(_format(rows[-1]), flush=True)
 
+    seeds = [config.seed] if args.seeds is None else [int(seed) for seed in args.seeds.split(",")]
     for train_tokens, steps in zip(tokens_list, steps_list, strict=True):
         if steps == [0]:  # the baseline alone
             continue
-        run_config = dataclasses.replace(config, train_tokens=None if train_tokens == "all" else int(train_tokens))
-        seed_everything(run_config.seed)
-        net = INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, config.num_inps, config.decoder_depth)
-        rows += learning_curve(net, train_set, train_features, run_config, steps, cache_seconds, test_data, scorer)
+        for (name, changes), seed in ((variant, seed) for variant in variants.items() for seed in seeds):
+            tokens = {"preset": config.train_tokens, "all": None}.get(train_tokens, train_tokens)
+            tokens = None if tokens is None else int(tokens)
+            run_config = dataclasses.replace(config, **{"train_tokens": tokens, "seed": seed, **changes})
+            seed_everything(run_config.seed)
+            net = INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, config.num_inps, config.decoder_depth)
+            label = f"{name}, train tokens {run_config.train_tokens or 'all'}"
+            rows += learning_curve(net, train_set, train_features, run_config, steps, cache_seconds, test_data,
+                                   scorer, label)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"data": args.data, "config": config.to_dict(), "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"data": args.data, "pos_embed": args.pos_embed, "config": config.to_dict(),
+                                          "rows": rows}, indent=2))
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    """`NAME:KEY=VALUE,...` -> (NAME, {KEY: VALUE parsed as JSON, else the text}); `NAME` alone changes nothing."""
+    name, _, assignments = text.partition(":")
+    changes = {}
+    for assignment in filter(None, assignments.split(",")):
+        key, _, value = assignment.partition("=")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    return name, changes
 
 
 def _format(row: dict) -> str:
     metrics = " ".join(f"{name} {100 * row[name]:5.1f}" for name in METRIC_NAMES)
-    return f"{row['method']:<40} steps {row['steps']:>5}  train {row['train_min']:5.1f} min  {metrics}"
+    return (f"{row['method']:<48} seed {row.get('seed', '-')!s:>3} steps {row['steps']:>5}  "
+            f"train {row['train_min']:5.1f} min  {metrics}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""ONNX export and runtimes on the tiny random backbone: same outputs as torch, metadata, errors, int8."""
+"""ONNX and OpenVINO exports and their runtimes on the tiny random backbone: same outputs as torch, metadata,
+errors, dynamic int8 (static int8 from a trained run: test_runtimes.py)."""
+
+import sys
 
 import numpy as np
 import onnx
@@ -7,7 +10,16 @@ from onnx import helper
 
 from inpformer.detector import INPFormer
 from inpformer.errors import InpformerError
-from inpformer.export import OnnxRuntime, export_onnx, quantize_int8, read_onnx_metadata
+from inpformer.export import (
+    OnnxRuntime,
+    OpenVinoRuntime,
+    export_onnx,
+    export_openvino,
+    read_metadata,
+    read_onnx_metadata,
+    read_openvino_model,
+)
+from inpformer.quantize import quantize_int8
 from inpformer.runtime import InferenceGraph, TorchRuntime
 
 SIZE = 28
@@ -31,20 +43,38 @@ def exported(parts, tmp_path_factory):
     return graph, path
 
 
+@pytest.fixture(scope="module")
+def openvino_folder(exported, tmp_path_factory):
+    pytest.importorskip("openvino")
+    return export_openvino(exported[1], tmp_path_factory.mktemp("openvino") / "model")
+
+
+def _open(kind, exported, request):
+    return OnnxRuntime(exported[1]) if kind == "onnx" else OpenVinoRuntime(request.getfixturevalue("openvino_folder"))
+
+
+def _decisions(runtime, images):
+    """The graph's own `decision` output (against the threshold traced into it)."""
+    inputs = {"images": images, "valid": np.tile(np.array([0, 0, 1, 1], np.float32), (len(images), 1))}
+    if isinstance(runtime, OnnxRuntime):
+        return runtime.session.run(["decision"], inputs)[0]
+    return runtime.compiled.create_infer_request().infer(inputs)[runtime.compiled.output("decision")]
+
+
+@pytest.mark.parametrize("kind", ["onnx", "openvino"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_onnx_matches_torch(parts, exported, batch):
-    graph, path = exported
+def test_exports_match_torch(parts, exported, request, kind, batch):
+    graph = exported[0]
     images = parts[2][:batch]
     expected = TorchRuntime(graph)(images)
-    runtime = OnnxRuntime(path)
+    runtime = _open(kind, exported, request)
     got = runtime(images)
     assert got.maps.shape == (batch, 256, 256) and got.scores.shape == (batch,)
     assert np.abs(got.maps - expected.maps).max() <= 1e-4
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
     np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=1e-5)
 
-    valid = np.tile(np.array([0, 0, 1, 1], np.float32), (batch, 1))
-    decisions = runtime.session.run(["decision"], {"images": images, "valid": valid})[0]
+    decisions = _decisions(runtime, images)
     expected_decisions = (expected.scores > graph.image_threshold.item())
     assert decisions.dtype == bool
     np.testing.assert_array_equal(decisions, expected_decisions)
@@ -56,10 +86,19 @@ def test_metadata_round_trip(exported):
     path = exported[1]
     runtime = OnnxRuntime(path, threads=1)
     assert runtime.name == "onnx" and runtime.path == path and runtime.input_size == (SIZE, SIZE)
-    assert runtime.metadata == METADATA == read_onnx_metadata(path)
+    assert runtime.metadata == METADATA == read_onnx_metadata(path) == read_metadata(path)
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
     assert props["inpformer_format_version"] == "2"
     assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # the atomic write left no temporary file
+
+
+def test_openvino_metadata_round_trip(openvino_folder):
+    runtime = OpenVinoRuntime(openvino_folder, threads=1)
+    assert runtime.name == "openvino" and runtime.path == openvino_folder and runtime.input_size == (SIZE, SIZE)
+    assert runtime.metadata == METADATA == read_metadata(openvino_folder)
+    model = read_openvino_model(openvino_folder)[0]
+    assert model.get_rt_info("inpformer_format_version").astype(str) == "2"
+    assert sorted(p.name for p in openvino_folder.iterdir()) == ["model.bin", "model.xml"]  # no temporary files
 
 
 def _foreign_onnx(path):
@@ -85,16 +124,59 @@ def test_unusable_files_raise_one_line_errors(tmp_path, make, reason):
         assert "\n" not in message
 
 
+def _openvino_ir(folder, onnx_path, **rt_info):
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    for key, value in rt_info.items():
+        model.set_rt_info(value, key)
+    ov.save_model(model, str(folder / "model.xml"))
+
+
+def _foreign_ir(folder):
+    _foreign_onnx(folder / "foreign.onnx")
+    _openvino_ir(folder, folder / "foreign.onnx")
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda folder, onnx_path: None, "no OpenVINO model (model.xml) in this folder"),
+    (lambda folder, onnx_path: (folder / "model.xml").write_text("<net>garbage"), "not a readable OpenVINO model"),
+    (lambda folder, onnx_path: _foreign_ir(folder), "without inpformer metadata"),
+    (lambda folder, onnx_path: _openvino_ir(folder, onnx_path, inpformer="{}", inpformer_format_version="1"),
+     "inpformer format '1', this version reads 2"),
+])
+def test_unusable_openvino_folders_raise_one_line_errors(exported, tmp_path, make, reason):
+    pytest.importorskip("openvino")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    make(folder, exported[1])
+    for load in (read_metadata, OpenVinoRuntime):
+        with pytest.raises(InpformerError) as error:
+            load(folder)
+        message = str(error.value)
+        assert str(folder) in message and reason in message and "inpformer export RUN_DIR --openvino DIR" in message
+        assert "\n" not in message
+
+
+def test_missing_openvino_extra_is_a_one_line_error(exported, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    for call in (lambda: export_openvino(exported[1], tmp_path / "openvino"), lambda: OpenVinoRuntime(tmp_path)):
+        with pytest.raises(InpformerError) as error:
+            call()
+        assert str(error.value) == "OpenVINO is not installed; pip install 'inpformer[openvino]'"
+    assert not (tmp_path / "openvino").exists()
+
+
 def test_old_opset_is_refused(exported, tmp_path):
     with pytest.raises(InpformerError, match="opset 16"):
         export_onnx(exported[0], tmp_path / "old.onnx", SIZE, METADATA, opset=16)
 
 
-def test_int8_model_runs_like_fp32(parts, exported, tmp_path):
+def test_dynamic_int8_model_runs_like_fp32(parts, exported, tmp_path):
     images = parts[2]
-    path = quantize_int8(exported[1], tmp_path / "int8.onnx")
+    path = quantize_int8(exported[1], tmp_path / "int8.onnx", "dynamic")
     runtime = OnnxRuntime(path)
-    assert runtime.metadata == {**METADATA, "precision": "int8"}
+    assert runtime.metadata == {**METADATA, "precision": "int8", "quantization": "dynamic"}
     got, fp32 = runtime(images), OnnxRuntime(exported[1])(images)
     for name in ("maps", "scores", "embeddings"):
         value = getattr(got, name)

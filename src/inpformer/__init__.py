@@ -12,7 +12,7 @@ from .data.datasets import detect_dataset, load_dataset, load_folder, load_reali
 from .data.images import Sample, find_categories, load_mvtec, read_image
 from .deploy import export_model, load_predictor, predict_run
 from .detector import INPFormer
-from .errors import InpformerError
+from .errors import InpformerError, TrainingStopped
 from .inference import Failure, Prediction, Predictor, Region
 from .results import Evaluation, ScoredImages
 from .runs import DataSource, calibrate_run, test_run, train_run
@@ -33,6 +33,7 @@ __all__ = [
     "Sample",
     "ScoredImages",
     "Thresholds",
+    "TrainingStopped",
     "calibrate_run",
     "detect_dataset",
     "draw_shots",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -17,10 +19,12 @@ from .data.images import MAX_PIXELS
 from .deploy import RUNTIMES, export_model, predict_run, resolve_model
 from .detector import INPFormer
 from .distributed import DEVICES
-from .errors import InpformerError
+from .errors import InpformerError, TrainingStopped
 from .files import output_file
+from .quantize import INT8_METHODS
 from .results import recall_table
-from .runs import SETTINGS, DataSource, calibrate_run, test_run, train_run
+from .runs import SETTINGS, DataSource, calibrate_run, resumable_training, test_run, train_run
+from .tracking import TRACKERS
 
 CONFIG_OPTIONS = ("backbone", "backbone_weights", "image_size", "crop_size", "resize_mode", "train_tokens",
                   "tile_scale", "tile_overlap",
@@ -37,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train: single, multi, super-multi or few-shot setting")
     _add_data_options(train)
     train.add_argument("--categories", type=_comma_list, help="comma-separated subset of categories, e.g. a,b")
-    train.add_argument("--setting", choices=SETTINGS, default="single",
-                       help="single: a model per category; multi: one for all; super-multi: one for several "
+    train.add_argument("--setting", choices=SETTINGS,
+                       help="single (default): a model per category; multi: one for all; super-multi: one for several "
                             "datasets; few-shot: --shots images per category, expanded x22")
     train.add_argument("--shots", type=int, metavar="K", help="few-shot: training images per category")
-    train.add_argument("--repeats", type=int, default=1, metavar="N",
-                       help="few-shot: N independent draws, reported as mean ± std")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    train.add_argument("--repeats", type=int, metavar="N",
+                       help="few-shot: N independent draws, reported as mean ± std (default 1)")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="the settings to start from (default cpu)")
     train.add_argument("--backbone", choices=sorted(BACKBONES))
     train.add_argument("--backbone-weights", metavar="PATH", help="local DINOv2 weights (.pth or .safetensors)")
     train.add_argument("--image-size", metavar="R|HxW",
@@ -83,16 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=DEVICES, help="training device (default auto: CUDA when available)")
     train.add_argument("--devices", type=int, default=1, metavar="N",
                        help="data-parallel training processes on this machine, one per GPU (default 1); "
-                            "--batch-size is the total over them. Several machines: see torchrun in the README")
+                            "--batch-size is the total over them. Several machines: torchrun, see docs/gpus.md")
     train.add_argument("--precision", choices=("fp32", "bf16"),
                        help="training arithmetic (default fp32, as the paper; bf16: autocast, faster on recent GPUs, "
-                            "its effect on accuracy is measured in docs/performance.md when a GPU was available)")
+                            "its effect on accuracy is measured in docs/gpus.md when a GPU was available)")
     train.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                        help="do not torch.compile the decoder (only ever compiled when training on CUDA)")
     train.add_argument("--extra-good", metavar="DIR",
                        help="more good images of the one category trained, e.g. an operator's FEEDBACK/good: fitted "
                             "on, never held out for calibration")
-    train.add_argument("--out", required=True, metavar="RUN_DIR")
+    run_dir = train.add_mutually_exclusive_group(required=True)
+    run_dir.add_argument("--out", metavar="RUN_DIR")
+    run_dir.add_argument("--resume", metavar="RUN_DIR",
+                         help="go on with the training interrupted in RUN_DIR (Ctrl-C, SIGTERM, a crash) from its last "
+                              "saved state, with its options (others given must equal them), to the same result")
+    train.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                       help="save the training state every N optimizer steps for --resume (default 100; 0: only "
+                            "when stopped by Ctrl-C or SIGTERM)")
+    train.add_argument("--log", choices=TRACKERS, help="also log the loss and learning rate of every step and the "
+                       "calibration to RUN_DIR/tensorboard or RUN_DIR/mlflow.db (pip install 'inpformer[NAME]'); "
+                       "--resume keeps logging as before")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     test = commands.add_parser("test", help="evaluate a run: metrics table, metrics.json/csv, scores.csv")
@@ -107,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "RUN_DIR/zero-shot with --zero-shot)")
     test.add_argument("--report", action="store_true",
                       help="also write report.html: metrics, ROC/PR curves, histograms and a gallery")
+    test.add_argument("--log", choices=TRACKERS, help="also log the metrics to the run's tensorboard or mlflow logs")
     test.add_argument("--quiet", action="store_true")
 
     predict = commands.add_parser("predict", help="score images: decisions, maps, masks, overlays and report.html")
-    predict.add_argument("model", metavar="RUN_DIR", help="a run directory, a .pt checkpoint or an exported .onnx file")
+    predict.add_argument("model", metavar="RUN_DIR",
+                         help="a run directory, a .pt checkpoint, an exported .onnx file or OpenVINO folder")
     predict.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     predict.add_argument("--out", required=True, metavar="DIR")
     predict.add_argument("--runtime", choices=RUNTIMES, default="torch")
@@ -143,15 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--category", help="set by hand only this category's values (default: every category)")
     calibrate.add_argument("--quiet", action="store_true")
 
-    export = commands.add_parser("export", help="export a model to one self-contained ONNX file")
+    export = commands.add_parser("export", help="export a model to a self-contained ONNX file and/or OpenVINO "
+                                                "folder (docs/runtimes.md)")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a .pt checkpoint")
-    export.add_argument("--onnx", required=True, metavar="FILE")
-    export.add_argument("--int8", action="store_true", help="int8 weights (faster on CPUs, see the README)")
+    export.add_argument("--onnx", metavar="FILE", help="write an ONNX file (fp32, or int8 with --int8)")
+    export.add_argument("--openvino", metavar="DIR", help="write an OpenVINO folder, model.xml and model.bin (fp32; "
+                                                          "needs pip install 'inpformer[openvino]')")
+    export.add_argument("--int8", nargs="?", const="static", choices=INT8_METHODS,
+                        help="quantise the ONNX file for faster CPU inference: static (the default) calibrates on "
+                             "good images and recalibrates the thresholds on the int8 scores; dynamic needs none")
+    export.add_argument("--calibration-data", metavar="DIR",
+                        help="folder of good images for --int8 static (default, for a run directory: the run's "
+                             "held-out good images, which set its thresholds)")
     export.add_argument("--model", metavar="NAME", help="which model of the run")
     export.add_argument("--category", help="the model of this category")
 
     serve = commands.add_parser("serve", help="HTTP service: POST /predict, an operator page at /, GET /model")
-    serve.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, a .pt checkpoint or an .onnx file")
+    serve.add_argument("run_dir", metavar="RUN_DIR",
+                       help="a run directory, a .pt checkpoint, an .onnx file or an OpenVINO folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--runtime", choices=RUNTIMES, default="torch")
@@ -176,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = commands.add_parser("watch", help="predict images as cameras write them into a folder: "
                                               "OUT_DIR/results.jsonl, optional sorting and MQTT")
-    watch.add_argument("model", metavar="RUN_DIR", help="a run directory, a .pt checkpoint or an .onnx file")
+    watch.add_argument("model", metavar="RUN_DIR",
+                       help="a run directory, a .pt checkpoint, an .onnx file or an OpenVINO folder")
     watch.add_argument("in_dir", metavar="IN_DIR", help="the folder to watch (subfolders too)")
     watch.add_argument("--out", required=True, metavar="OUT_DIR",
                        help="results.jsonl (one line per image, the record that makes restarts safe), watch.log")
@@ -239,6 +265,21 @@ def _add_data_options(parser: argparse.ArgumentParser, required: bool = True) ->
     data.add_argument("--data-masks", metavar="DIR", help="masks of the defective test images (same names)")
 
 
+def _training_options(args: argparse.Namespace) -> dict:
+    """`train_run`'s options from the command line. With --resume: the interrupted training's, with the options
+    given applied on top (on top of the --preset's instead, when given); `train_run` refuses those that differ."""
+    given = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
+    options = {"sources": _sources(args, required=not args.resume), "setting": args.setting,
+               "categories": args.categories, "shots": args.shots, "repeats": args.repeats,
+               "extra_good": args.extra_good}
+    options = {key: value for key, value in options.items() if value is not None}
+    if not args.resume:
+        return {**options, "config": make_config(args.preset or "cpu", **given)}
+    stored = resumable_training(args.resume)
+    config = make_config(args.preset, **given) if args.preset else dataclasses.replace(stored["config"], **given)
+    return {**stored, **options, "config": config}
+
+
 def _sources(args: argparse.Namespace, required: bool) -> list[DataSource] | None:
     if args.data and args.data_good:
         raise InpformerError("give either --data ROOT or --data-good DIR, not both")
@@ -255,21 +296,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            config = make_config(args.preset, **{k: getattr(args, k) for k in CONFIG_OPTIONS})
+            options = _training_options(args)
             if args.devices < 1:
                 raise InpformerError(f"--devices must be at least 1, got {args.devices}")
             if args.devices > 1 and not distributed.launched():
                 return distributed.spawn(main, args.devices, sys.argv[1:] if argv is None else list(argv))
-            distributed.setup(config.device)
-            train_run(_sources(args, required=True), args.out, config, args.setting, args.categories,
-                      shots=args.shots, repeats=args.repeats, progress=not args.quiet and distributed.is_main_process(),
-                      extra_good=args.extra_good)
+            distributed.setup(options["config"].device)
+            out = args.resume or args.out
+            train_run(out=out, **options, progress=not args.quiet and distributed.is_main_process(),
+                      resume=bool(args.resume), checkpoint_every=args.checkpoint_every, tracking=args.log)
             if distributed.is_main_process():
-                print(f"trained; next: inpformer test {args.out}")
+                print(f"trained; next: inpformer test {out}")
         elif args.command == "test":
             evaluation = test_run(args.run_dir, _sources(args, required=False), args.categories, args.model,
                                   args.zero_shot, args.save_maps, args.out, progress=not args.quiet,
-                                  report=args.report)
+                                  report=args.report, tracking=args.log)
             print(evaluation.table())
             if evaluation.recall:
                 print("\ndecisions at the calibrated thresholds (rate: recall of defects, false rejects of good)")
@@ -299,8 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"imported {out}; next, set its thresholds: inpformer calibrate {out} --data ROOT "
                   "(or --data-good DIR of good images)")
         elif args.command == "export":
-            path = export_model(resolve_model(args.run_dir, args.model, args.category), args.onnx, args.int8)
-            print(f"exported {path}")
+            run_dir = args.run_dir if os.path.isdir(args.run_dir) else None
+            paths = export_model(resolve_model(args.run_dir, args.model, args.category), args.onnx, args.int8,
+                                 args.openvino, args.calibration_data, run_dir)
+            print(f"exported {', '.join(map(str, paths))}")
         elif args.command == "serve":
             from .service.app import Settings, read_api_key, serve, upload_limit
 
@@ -341,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"inpformer: error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}",
               file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"inpformer: {stopped}", file=sys.stderr)
+        return 128 + stopped.signal
     except KeyboardInterrupt:
         print("inpformer: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,5 @@
-"""From a trained run to deployable predictions: pick a model, run it on a runtime (PyTorch, ONNX, ONNX int8),
-export it, and predict files and folders into predictions.csv / .json, overlays, masks and report.html."""
+"""From a trained run to deployable predictions: pick a model, run it on a runtime (PyTorch, ONNX, ONNX int8,
+OpenVINO), export it, and predict files and folders into predictions.csv / .json, overlays, masks and report.html."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,29 +19,32 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .calibration import check_min_defect_area, describe_area
-from .data.images import MAX_PIXELS
+from .data.datasets import load_folder
+from .data.images import MAX_PIXELS, Sample
 from .detector import INPFormer
 from .errors import InpformerError
-from .export import OnnxRuntime, export_onnx, quantize_int8
+from .export import OPENVINO_XML, OnnxRuntime, export_onnx, export_openvino, is_openvino_folder, open_runtime
 from .files import output_file, output_folder, write_text_atomically
 from .inference import Failure, Prediction, Predictor, describe_rule, find_images
+from .quantize import RecordingRuntime, quantize_int8, set_decision_threshold
 from .report import GalleryItem, image_uri, write_report
-from .runs import log_to_file, read_run, select_models
+from .runs import held_out_images, log_to_file, read_run, select_models
 
 log = logging.getLogger("inpformer")
 
 
-RUNTIMES = ("torch", "onnx", "onnx-int8")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino")
 
 
 def resolve_model(target: str | Path, model: str | None = None, category: str | None = None) -> Path:
-    """The model file meant by `target`: a checkpoint (.pt) or ONNX file itself, or a run directory's model
-    (chosen by name, by category, or the only one)."""
+    """The model meant by `target`: a checkpoint (.pt), ONNX file or OpenVINO folder itself, or a run directory's
+    model (chosen by name, by category, or the only one)."""
     target = Path(target)
-    if target.is_file():
+    if target.is_file() or is_openvino_folder(target):
         return target
     if not target.exists():
-        raise InpformerError(f"{target}: not found; pass a run directory, a .pt checkpoint or an .onnx file")
+        raise InpformerError(f"{target}: not found; pass a run directory, a .pt checkpoint, an .onnx file or an "
+                             "OpenVINO folder")
     run = read_run(target)
     models = run["models"]
     if model is not None:
@@ -59,50 +63,126 @@ def resolve_model(target: str | Path, model: str | None = None, category: str | 
 
 def load_predictor(target: str | Path, runtime: str = "torch", model: str | None = None,
                    category: str | None = None, threads: int | None = None) -> Predictor:
-    """A `Predictor` for a run directory, checkpoint or ONNX file. The ONNX runtimes export the checkpoint next to
-    it on first use (model.onnx, model.int8.onnx) and reuse that file while it is newer than the checkpoint."""
+    """A `Predictor` for a run directory, checkpoint, ONNX file or OpenVINO folder. The other runtimes export the
+    checkpoint next to it on first use (model.onnx, model.int8.onnx, model.openvino/) and reuse that export while it
+    is newer than the checkpoint; a run directory's int8 export is calibrated on the run's held-out good images."""
     if runtime not in RUNTIMES:
         raise InpformerError(f"unknown --runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     path = resolve_model(target, model, category)
-    if path.suffix == ".onnx":
-        return _onnx_predictor(path, threads)
+    if path.suffix == ".onnx" or is_openvino_folder(path):
+        return _exported_predictor(path, threads)
     if runtime == "torch":
         if threads:
             torch.set_num_threads(threads)
         return INPFormer.load(path).predictor()
-    onnx_path = path.with_suffix(".int8.onnx" if runtime == "onnx-int8" else ".onnx")
-    if not onnx_path.is_file() or onnx_path.stat().st_mtime < path.stat().st_mtime:
-        export_model(path, onnx_path, int8=runtime == "onnx-int8")
-    return _onnx_predictor(onnx_path, threads)
+    exported = path.with_suffix({"onnx": ".onnx", "onnx-int8": ".int8.onnx", "openvino": ".openvino"}[runtime])
+    written = exported / OPENVINO_XML if runtime == "openvino" else exported
+    if not written.is_file() or written.stat().st_mtime < path.stat().st_mtime:
+        run_dir = Path(target) if Path(target).is_dir() else None
+        if runtime == "onnx-int8" and run_dir is None:
+            raise InpformerError(f"{path}: --runtime onnx-int8 calibrates on the held-out good images of a run; give "
+                                 f"the run directory, or export it first: `inpformer export {path} --onnx "
+                                 f"{exported} --int8 --calibration-data DIR`")
+        if runtime == "openvino":
+            export_model(path, openvino=exported)
+        else:
+            export_model(path, exported, int8="static" if runtime == "onnx-int8" else None, run_dir=run_dir)
+    return _exported_predictor(exported, threads)
 
 
-def _onnx_predictor(path: Path, threads: int | None) -> Predictor:
-    onnx = OnnxRuntime(path, threads)
+def _exported_predictor(path: Path, threads: int | None) -> Predictor:
+    runtime = open_runtime(path, threads)
     try:
-        return Predictor(onnx, onnx.metadata)
+        return Predictor(runtime, runtime.metadata)
     except KeyError as error:
         problem = f"no {error} entry"
     except (TypeError, ValueError, AttributeError, InpformerError) as error:
         problem = str(error).splitlines()[0][:200]
+    option = "--openvino DIR" if path.is_dir() else "--onnx FILE"
     raise InpformerError(f"{path}: malformed inpformer metadata ({problem}); re-export with "
-                         "`inpformer export RUN_DIR --onnx FILE`")
+                         f"`inpformer export RUN_DIR {option}`")
 
 
-def export_model(checkpoint: str | Path, onnx_path: str | Path, int8: bool = False) -> Path:
-    """Exports a checkpoint to one self-contained ONNX file (fp32, or int8 weights with `int8`)."""
-    onnx_path = output_file(onnx_path, "--onnx", ".onnx")
+def export_model(checkpoint: str | Path, onnx_path: str | Path | None = None, int8: str | None = None,
+                 openvino: str | Path | None = None, calibration_data: str | Path | None = None,
+                 run_dir: str | Path | None = None) -> list[Path]:
+    """Exports a checkpoint to one self-contained ONNX file (fp32, or int8 with `int8` "static" or "dynamic") and/or
+    an OpenVINO folder (fp32); returns the paths written. Static int8 is calibrated on good images: those of the
+    folder `calibration_data`, or else the held-out images of `run_dir` (the run of `checkpoint`), which set its
+    thresholds at training. Their activations set the int8 ranges, and the int8 model's own scores of them its
+    thresholds (recalibrated as the checkpoint's were, so its decisions are not shifted by int8 rounding)."""
+    if onnx_path is None and openvino is None:
+        raise InpformerError("nothing to export: give --onnx FILE and/or --openvino DIR")
+    if int8 is not None and onnx_path is None:
+        raise InpformerError("--int8 quantises the ONNX export; give --onnx FILE too (OpenVINO exports are fp32)")
+    if calibration_data is not None and int8 != "static":
+        raise InpformerError("--calibration-data calibrates --int8 static; add it, or drop --calibration-data")
+    onnx_path = None if onnx_path is None else output_file(onnx_path, "--onnx", ".onnx")
     detector = INPFormer.load(checkpoint)
     if detector.calibration is None:
         raise InpformerError(f"{checkpoint}: no calibrated thresholds (an imported model, or one trained by an older "
                              "version); run `inpformer calibrate RUN_DIR` (or MODEL.pt --data ROOT) first")
-    metadata, size = detector.metadata(), detector.config.deployment_geometry().crop_size
-    if not int8:
-        return export_onnx(detector.inference_graph(), onnx_path, size, metadata)
-    fp32 = export_onnx(detector.inference_graph(), onnx_path.with_suffix(".fp32.tmp.onnx"), size, metadata)
-    try:
-        return quantize_int8(fp32, onnx_path)
-    finally:
-        fp32.unlink(missing_ok=True)
+    calibration = (_int8_calibration_images(detector, Path(checkpoint), calibration_data, run_dir)
+                   if int8 == "static" else None)
+    written = []
+    with tempfile.TemporaryDirectory(prefix="inpformer-export-") as tmp:
+        fp32 = Path(tmp) / "model.onnx" if int8 or onnx_path is None else onnx_path
+        export_onnx(detector.inference_graph(), fp32, detector.config.deployment_geometry().crop_size,
+                    detector.metadata())
+        if int8 == "static":
+            written.append(_static_int8(detector, fp32, onnx_path, *calibration))
+        elif int8 is not None:
+            written.append(quantize_int8(fp32, onnx_path, int8))
+        elif onnx_path is not None:
+            written.append(fp32)
+        if openvino is not None:
+            written.append(export_openvino(fp32, openvino))
+    return written
+
+
+def _int8_calibration_images(detector: INPFormer, checkpoint: Path, folder: str | Path | None,
+                             run_dir: str | Path | None) -> tuple[list[Sample], str]:
+    """The good images that calibrate a static int8 export, and which they are in words."""
+    if folder is not None:
+        if len(detector.categories) != 1:
+            raise InpformerError(f"--calibration-data {folder}: a plain folder holds images of one category and this "
+                                 f"model has {len(detector.categories)}; export its run directory instead (the "
+                                 "run's held-out images calibrate it)")
+        try:
+            good = load_folder(folder, category=detector.categories[0])[0]
+        except InpformerError as error:
+            raise InpformerError(f"--calibration-data {error}") from None
+        return good, f"{len(good)} good images of {folder}"
+    if run_dir is None:
+        raise InpformerError(f"{checkpoint}: --int8 static needs good images to calibrate on; give "
+                             "--calibration-data DIR, or export the run directory (its held-out good images)")
+    return held_out_images(run_dir, checkpoint, detector.config)
+
+
+def _static_int8(detector: INPFormer, fp32: Path, path: Path, samples: list[Sample], source: str) -> Path:
+    """Quantises `fp32` calibrated on `samples`, then recalibrates the thresholds on the int8 model's scores."""
+    recorder = RecordingRuntime(OnnxRuntime(fp32))
+    log.info("int8: recording the activations of %d good images (%s)", len(samples), source)
+    detector.score(samples, keep_maps=False, deployment=True, runtime=recorder)
+    int8 = quantize_int8(fp32, fp32.with_suffix(".int8.onnx"), "static", recorder.batches)
+    previous = detector.calibration
+    if previous.thresholds[""].method == "false-reject":
+        if previous.source != source:
+            log.warning("int8: the thresholds were set on %s; the int8 ones are set on %s (give --calibration-data "
+                        "to choose other images)", previous.source or "unrecorded images", source)
+        detector.calibrate(samples, "false-reject", _false_reject_rate(detector), source=source,
+                           how="int8 export: recalibrated on the int8 model's own scores", runtime=OnnxRuntime(int8))
+    else:
+        log.warning("int8: thresholds set %s are kept as they are; check them on the int8 model's scores",
+                    "by hand" if previous.thresholds[""].method == "manual" else "by F1 on defective images")
+    metadata = {**detector.metadata(), "precision": "int8", "quantization": "static"}
+    return set_decision_threshold(int8, path, detector.calibration.thresholds[""].image, metadata)
+
+
+def _false_reject_rate(detector: INPFormer) -> float:
+    """The false-reject rate the current thresholds were calibrated for (the last such record of their history)."""
+    rates = [h["max_false_reject"] for h in detector.calibration.history if "max_false_reject" in h]
+    return float(rates[-1]) if rates else detector.config.max_false_reject
 
 
 def predict_run(target: str | Path, inputs: Sequence[str | Path], out: str | Path, runtime: str = "torch",

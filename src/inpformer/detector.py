@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import importlib.metadata
 import logging
 from collections.abc import Iterable, Sequence
@@ -25,13 +26,14 @@ from .data.images import ImageDataset, Preprocess, Sample, read_image, sample_ma
 from .data.tiling import TileDataset, resize_mask
 from .errors import InpformerError
 from .files import write_atomically
-from .inference import Prediction, Predictor, model_metadata
+from .inference import Prediction, Predictor, Runtime, model_metadata
 from .metrics import MetricAccumulator
 from .model import INPFormerNet
 from .results import Evaluation, ScoredImages
 from .runtime import InferenceGraph, TorchRuntime, run_in_batches
 from .scoring import AnomalyScorer, top_mean, valid_pixels
-from .training import TrainingLog, seed_everything, train
+from .tracking import Tracker
+from .training import Checkpoints, TrainingLog, seed_everything, train
 
 log = logging.getLogger("inpformer")
 CHECKPOINT_FORMAT = "inpformer-checkpoint"
@@ -106,11 +108,18 @@ class INPFormer:
         return detector
 
     def fit(self, samples: Sequence[Sample], augment: bool = False, progress: bool = True,
-            extra_good: Sequence[Sample] = ()) -> INPFormer:
+            extra_good: Sequence[Sample] = (), training_state: str | Path | None = None, checkpoint_every: int = 100,
+            resume: bool = False, tracker: Tracker | None = None) -> INPFormer:
         """Trains on the good images among `samples` (defective ones are ignored); with `augment` (few-shot),
         each image is expanded into the paper's 22 fixed variants. A `val_fraction` of the good images of each
         category is held out of fitting and calibrates the decision thresholds. `extra_good` images (e.g. an
-        operator's false rejects) are fitted on and never held out, so the held-out split stays that of `samples`."""
+        operator's false rejects) are fitted on and never held out, so the held-out split stays that of `samples`.
+
+        With `training_state` (a file), the state of training is saved there every `checkpoint_every` optimizer
+        steps (0: never) and when a SIGINT or SIGTERM stops it (fit then raises `TrainingStopped`); `resume` goes on
+        from that file, with the same samples and settings, to the weights an uninterrupted fit gives.
+        `tracker` (see `inpformer.tracking.open_tracker`) receives the loss and learning rate of every step and
+        the calibrated thresholds."""
         good = [s for s in samples if s.label == 0]
         if not good:
             raise InpformerError("no good training images given; fit() needs images of defect-free parts")
@@ -130,22 +139,41 @@ class INPFormer:
                      format_size(tiling.tile_size), tiling.scale, tiling.overlap)
         else:
             dataset = ExpandedDataset(fitting, self.preprocess) if augment else ImageDataset(fitting, self.preprocess)
-        self.training_log = train(self.net, dataset, self.config, progress=progress)
+        checkpoints = None
+        if training_state is not None:
+            images = [str(Path(s.path).resolve()) for s in fitting]  # the same however the data were named
+            digest = hashlib.sha256("\n".join(images).encode()).hexdigest()[:12]
+            checkpoints = Checkpoints(Path(training_state), checkpoint_every, resume, {
+                "the list of training images": f"{len(images)} images (sha256 {digest})",
+                "few-shot expansion": augment})
+        elif resume:
+            raise InpformerError("resume=True needs the training_state file of the interrupted fit")
+        if tracker is not None:
+            tracker.log_params({**self.config.to_dict(), "categories": ",".join(self.categories),
+                                "training_images": len(fitting)})
+        self.training_log = train(self.net, dataset, self.config, progress=progress, checkpoints=checkpoints,
+                                  tracker=tracker)
         source = training_calibration_source(fitting, held_out)
         if not held_out:
             if self.config.val_fraction > 0:
                 log.warning("too few good images to hold some out (add images or raise --val-fraction)")
             log.warning("thresholds from %s", source)
         self.calibrate(held_out or fitting, progress=progress, source=source, how="training (INPFormer.fit)")
+        if tracker is not None:
+            pooled = self.calibration.thresholds[""]
+            tracker.log_metrics({"calibration/image_threshold": pooled.image,
+                                 "calibration/pixel_threshold": pooled.pixel}, self.training_log.iterations)
         return self
 
     def calibrate(self, samples: Sequence[Sample], method: str = "false-reject", max_false_reject: float | None = None,
-                  progress: bool = False, source: str = "", how: str = "") -> Calibration:
+                  progress: bool = False, source: str = "", how: str = "",
+                  runtime: Runtime | None = None) -> Calibration:
         """Sets the decision thresholds from images the model was not fitted on: good images only
         ("false-reject": reject at most `max_false_reject` of them) or good and defective ones with masks ("f1").
         `source` says in words which images these are; it is kept with the thresholds, and the change is recorded
-        in their history with `how` (e.g. the command line). Minimum defect areas set before are kept."""
-        scored = self.score(samples, with_masks=method == "f1", progress=progress, deployment=True)
+        in their history with `how` (e.g. the command line). Minimum defect areas set before are kept. `runtime`
+        (an export of this model, e.g. int8) scores the images instead of PyTorch, so the thresholds fit its scores."""
+        scored = self.score(samples, with_masks=method == "f1", progress=progress, deployment=True, runtime=runtime)
         labels = np.array([s.label for s in scored.samples])
         rate = self.config.max_false_reject if max_false_reject is None else max_false_reject
         calibration = calibrate([s.category for s in scored.samples], labels, scored.scores, scored.maps,
@@ -178,14 +206,14 @@ class INPFormer:
     def score(self, samples: Sequence[Sample], batch_size: int = 8, with_masks: bool = False,
               zero_shot: bool = False, progress: bool = False, keep_maps: bool = True,
               metrics: MetricAccumulator | None = None, pixel_metrics: bool = True,
-              deployment: bool = False) -> ScoredImages:
+              deployment: bool = False, runtime: Runtime | None = None) -> ScoredImages:
         """Image scores, embeddings and (with `keep_maps`) the anomaly maps at the map shape in float16, as the
         metrics use them; in the evaluation geometry, or the deployment one with `deployment`.
         With `metrics`, every batch is also added to that accumulator (maps and masks too with `with_masks` and
-        `pixel_metrics`), so metrics need no maps kept."""
+        `pixel_metrics`), so metrics need no maps kept. `runtime` runs instead of the PyTorch graph."""
         preprocess, scorer = ((self.deployment_preprocess, self.deployment_scorer) if deployment else
                               (self.preprocess, self.scorer))
-        runtime = TorchRuntime(self.inference_graph(zero_shot, deployment))
+        runtime = runtime or TorchRuntime(self.inference_graph(zero_shot, deployment))
         if self.config.tiling():
             return self._score_tiled(samples, runtime, scorer, with_masks, progress, keep_maps, metrics,
                                      pixel_metrics)
@@ -210,7 +238,7 @@ class INPFormer:
         return ScoredImages(list(samples), np.concatenate(scores), np.concatenate(maps) if keep_maps else None,
                             np.concatenate(masks) if with_masks and keep_maps else None, np.concatenate(embeddings))
 
-    def _score_tiled(self, samples: Sequence[Sample], runtime: TorchRuntime, scorer: AnomalyScorer,
+    def _score_tiled(self, samples: Sequence[Sample], runtime: Runtime, scorer: AnomalyScorer,
                      with_masks: bool, progress: bool, keep_maps: bool, metrics: MetricAccumulator | None,
                      pixel_metrics: bool) -> ScoredImages:
         """`score` for a tiled model, one image at a time: its tiles' maps are stitched, and the score, the masks
@@ -296,7 +324,7 @@ class INPFormer:
             "backbone": {"name": self.config.backbone, "source": self.backbone_source},
             "categories": self.categories,
             "calibration": self.calibration.to_dict() if self.calibration else None,
-            "state_dict": {k: v for k, v in net.state_dict().items() if not k.startswith("encoder.")},
+            "state_dict": net.trainable_state_dict(),
             "encoder_state_dict": net.encoder.weights() if self.encoder_in_checkpoint else None,
             "training": asdict(self.training_log) if self.training_log else {},
             "versions": _versions(),

@@ -7,3 +7,14 @@ class InpformerError(Exception):
     The CLI prints ``str(error)`` on one line and exits with status 2; the message must name
     the offending file or option and say how to fix it.
     """
+
+
+class TrainingStopped(Exception):
+    """Training stopped at a SIGINT or SIGTERM after its current step, having saved the state it resumes from.
+
+    ``str(error)`` says how to resume; the CLI prints it on one line and exits with 128 + ``signal``, as shells do.
+    """
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal

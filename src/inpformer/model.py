@@ -125,6 +125,10 @@ class INPFormerNet(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.inp_queries, *self.trainable_modules().parameters()]
 
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights: everything but the frozen encoder's, which is rebuilt from its source."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
     def encode(self, images: Tensor) -> Tensor:
         """Frozen encoder features fused into the two groups: [B, 2, tokens, channels]."""
         with torch.no_grad():

@@ -12,6 +12,9 @@ Layout of RUN_DIR:
     INCOMPLETE          only while a (re)training replaces the run's files, or after it was interrupted doing so:
                         such a run is refused. Training writes its checkpoints into .staging/ and replaces the
                         old run in one short step at the end, so a killed training leaves the old run intact.
+    .staging/           while training: resume.json (its options, finished models, trackers), models/ (the finished
+                        ones) and state/<name>.pt (the training state of the model in progress), for --resume
+    tensorboard/, mlflow.db   experiment logs (train --log, test --log)
     train.log, test.log
     metrics.json, metrics.csv, scores.csv, recall.csv, maps.npz (with save_maps)   written by `test_run`
     zero-shot/          the same files for a zero-shot test
@@ -28,6 +31,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -38,24 +42,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .calibration import METHODS, Calibration, Thresholds, area_pixels, check_manual_values, describe_area
-from .config import Config
+from .config import Config, config_from_dict
 from .data.augment import draw_shots
 from .data.datasets import DATASET_KINDS, load_dataset, load_folder
 from .data.geometry import Geometry
 from .data.images import Sample, image_shape, read_image
 from .detector import INPFormer, split_validation, training_calibration_source
-from .distributed import is_main_process
-from .errors import InpformerError
+from .distributed import is_main_process, largest
+from .errors import InpformerError, TrainingStopped
 from .files import output_folder, write_atomically, write_text_atomically
 from .inference import Prediction, decide, describe_rule, is_defective
 from .metrics import METRIC_NAMES
 from .report import GalleryItem, image_uri, write_report
 from .results import Evaluation, RecallRow, ScoredImages, combine_repeats, merge, recall_rows, recall_table
+from .tracking import open_tracker
+from .training import RUNTIME_SETTINGS, stop_signals
 from .visualize import overlay
 
 log = logging.getLogger("inpformer")
 SETTINGS = ("single", "multi", "super-multi", "few-shot")
-INCOMPLETE, STAGING = "INCOMPLETE", ".staging"
+INCOMPLETE, STAGING, RESUME_RECORD = "INCOMPLETE", ".staging", "resume.json"
 RESULT_FILES = ("metrics.json", "metrics.csv", "scores.csv", "recall.csv", "maps.npz", "report.html",
                 "zero-shot")  # of `test_run`
 
@@ -112,14 +118,30 @@ def load_samples(sources: Sequence[DataSource], split: str, categories: Sequence
 
 def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, setting: str = "single",
               categories: Sequence[str] | None = None, shots: int | None = None, repeats: int = 1,
-              progress: bool = True, extra_good: str | Path | None = None) -> dict:
+              progress: bool = True, extra_good: str | Path | None = None, resume: bool = False,
+              checkpoint_every: int = 100, tracking: str | None = None) -> dict:
     """Trains the detector(s) of a run and writes RUN_DIR/run.json; returns its content. Retraining into an existing
     run replaces it only once every new model is trained (see the module's docstring). `extra_good`: a plain folder
-    of more good images of the one category trained (e.g. an operator's feedback/good), fitted on, never held out."""
+    of more good images of the one category trained (e.g. an operator's feedback/good), fitted on, never held out.
+
+    The training state is saved in RUN_DIR/.staging every `checkpoint_every` optimizer steps (0: never) and when a
+    SIGINT or SIGTERM stops training after its current step (raising `TrainingStopped`). With `resume`, the training
+    interrupted in `out` goes on with the same options (`resumable_training`; others are refused): the models it
+    finished are kept, and the one in progress continues from its saved state to the result of an uninterrupted
+    training. `tracking` ("tensorboard" or "mlflow") logs every model's training under RUN_DIR (see tracking.py);
+    a resumed training keeps logging as it did, unless given another."""
     _check_setting(setting, sources, shots, repeats)
-    out = output_folder(out, "--out")
+    out = output_folder(out, "--resume" if resume else "--out")
     staging = out / STAGING
-    with log_to_file(out / "train.log"):
+    options = json.loads(json.dumps({
+        "data": [s.to_json() for s in sources], "setting": setting, "categories": categories, "shots": shots,
+        "repeats": repeats, "extra_good": str(Path(extra_good).resolve()) if extra_good else None,
+        "config": config.to_dict()}))  # as stored in JSON
+    with log_to_file(out / "train.log"), stop_signals:
+        if resume:
+            record = _resume_record(out)
+            _check_same_options(record["options"], options, out)
+            tracking = tracking or record.get("tracking")
         samples = load_samples(sources, "train", categories)
         found = sorted({s.category for s in samples})
         if not samples:
@@ -128,29 +150,113 @@ def train_run(sources: Sequence[DataSource], out: str | Path, config: Config, se
                  ", ".join(found), len(samples))
         plans = _training_plans(setting, samples, found, config.seed, shots, repeats)
         extra = _extra_good(extra_good, found, setting) if extra_good else []
-        if is_main_process():
-            shutil.rmtree(staging, ignore_errors=True)  # what an interrupted training left
-        models, seconds = {}, {}
+        if not resume:
+            if is_main_process():
+                if (staging / RESUME_RECORD).is_file():
+                    log.warning("discarding the interrupted training in %s (to go on with it instead: inpformer "
+                                "train --resume %s)", out, out)
+                shutil.rmtree(staging, ignore_errors=True)  # what an interrupted training left
+            record = {"options": options, "models": {}, "train_seconds": {}, "trackers": {}}
+        record["tracking"] = tracking
         for name, (items, repeat) in plans.items():
-            start = time.perf_counter()
-            model_config = dataclasses.replace(config, seed=config.seed + repeat)
-            detector = INPFormer.from_config(model_config)
-            detector.fit(items, augment=setting == "few-shot", progress=progress, extra_good=extra)
             file = Path("models") / f"{name}.pt"
+            if name in record["models"] and (staging / file).is_file():
+                log.info("model %s: trained before the interruption", name)
+                continue
+            _stop_if_asked(f"before training model {name}", out)
+            start = time.perf_counter()
+            detector = INPFormer.from_config(dataclasses.replace(config, seed=config.seed + repeat))
+            tracker = None
+            if tracking and is_main_process():
+                kind, known = record["trackers"].get(name, (None, None))
+                tracker = open_tracker(tracking, out, name, resume=known if kind == tracking else None)
+                record["trackers"][name] = [tracking, tracker.id]
+            _write_record(staging, record)
+            state = staging / "state" / f"{name}.pt"
+            try:
+                detector.fit(items, augment=setting == "few-shot", progress=progress, extra_good=extra,
+                             training_state=state, checkpoint_every=checkpoint_every,
+                             resume=resume and state.is_file(), tracker=tracker)
+            except TrainingStopped as stopped:
+                raise TrainingStopped(f"model {name}: {stopped}; resume with: inpformer train --resume {out}",
+                                      stopped.signal) from None
+            finally:
+                if tracker is not None:
+                    tracker.close(finished=detector.calibration is not None)
             if is_main_process():  # the processes of a data-parallel run hold the same model
                 detector.save(staging / file)
-            seconds[name] = time.perf_counter() - start
-            models[name] = {"file": str(file), "categories": detector.categories, "repeat": repeat,
-                            "training_images": [str(s.path) for s in items] if setting == "few-shot" else len(items)}
+            record["train_seconds"][name] = time.perf_counter() - start
+            record["models"][name] = {"file": str(file), "categories": detector.categories, "repeat": repeat,
+                                      "training_images": [str(s.path) for s in items] if setting == "few-shot"
+                                      else len(items)}
             if extra:
-                models[name]["extra_good"] = {"folder": str(Path(extra_good).resolve()), "images": len(extra)}
-            log.info("model %s: trained in %.1f min", name, seconds[name] / 60)
-        run = {"setting": setting, "data": [s.to_json() for s in sources], "categories": found, "shots": shots,
-               "repeats": repeats, "models": models, "config": config.to_dict(), "train_seconds": seconds}
+                record["models"][name]["extra_good"] = {"folder": options["extra_good"], "images": len(extra)}
+            _write_record(staging, record)
+            state.unlink(missing_ok=True)
+            log.info("model %s: trained in %.1f min", name, record["train_seconds"][name] / 60)
+        _stop_if_asked("before saving the run", out)
+        run = {"setting": setting, "data": options["data"], "categories": found, "shots": shots, "repeats": repeats,
+               "models": record["models"], "config": config.to_dict(), "train_seconds": record["train_seconds"]}
         if is_main_process():
             _replace_run(out, run)
-            log.info("saved run %s (%s)", out, ", ".join(str(out / m["file"]) for m in models.values()))
+            log.info("saved run %s (%s)", out, ", ".join(str(out / m["file"]) for m in run["models"].values()))
     return run
+
+
+def resumable_training(run_dir: str | Path) -> dict:
+    """The options of the training interrupted in `run_dir`, as `train_run`'s keyword arguments (sources, config,
+    setting, categories, shots, repeats, extra_good)."""
+    options = _resume_record(Path(run_dir))["options"]
+    try:
+        return {"sources": [DataSource(**source) for source in options["data"]],
+                "config": config_from_dict(options["config"]),
+                **{key: options[key] for key in ("setting", "categories", "shots", "repeats", "extra_good")}}
+    except (KeyError, TypeError) as error:
+        raise InpformerError(f"{Path(run_dir) / STAGING / RESUME_RECORD}: malformed ({error}); train anew with "
+                             f"--out {run_dir}") from None
+
+
+def _resume_record(run_dir: Path) -> dict:
+    """The record of the training interrupted in `run_dir`: its options, finished models and trackers."""
+    path = run_dir / STAGING / RESUME_RECORD
+    if not path.is_file():
+        finished = " (its training finished)" if (run_dir / "run.json").is_file() else ""
+        raise InpformerError(f"--resume {run_dir}: no interrupted training to resume{finished}; train anew with "
+                             f"--out {run_dir}")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InpformerError(f"{path}: unreadable ({error}); train anew with --out {run_dir}") from None
+    if not isinstance(record, dict) or not all(isinstance(record.get(key), dict)
+                                               for key in ("options", "models", "train_seconds", "trackers")):
+        raise InpformerError(f"{path}: not a training record of this version; train anew with --out {run_dir}")
+    return record
+
+
+def _write_record(staging: Path, record: dict) -> None:
+    if is_main_process():
+        write_text_atomically(staging / RESUME_RECORD, json.dumps(record, indent=2))
+
+
+def _check_same_options(stored: dict, given: dict, run_dir: Path) -> None:
+    """Refuses options that differ from the interrupted training's, naming the first (settings of how training
+    runs, such as --device, may change)."""
+    pairs = [(key, stored.get(key), value) for key, value in given.items() if key != "config"]
+    pairs += [(key, stored["config"].get(key), value) for key, value in given["config"].items()
+              if key not in RUNTIME_SETTINGS]
+    for key, before, now in pairs:
+        if before != now:
+            raise InpformerError(f"--resume {run_dir}: --{key.replace('_', '-')} differs: {now!r} here, {before!r} "
+                                 "in the interrupted training; resume without it (its own options are used), or "
+                                 f"train anew with --out {run_dir}")
+
+
+def _stop_if_asked(where: str, run_dir: Path) -> None:
+    """Raises `TrainingStopped` if a SIGINT or SIGTERM asked training to stop (in any process)."""
+    received = largest(stop_signals.received or 0)
+    if received:
+        raise TrainingStopped(f"training stopped by {signal.Signals(received).name} {where}; resume with: inpformer "
+                              f"train --resume {run_dir}", received)
 
 
 def _extra_good(folder: str | Path, categories: list[str], setting: str) -> list[Sample]:
@@ -217,6 +323,8 @@ def read_run(run_dir: str | Path) -> dict:
                              f"files); retrain with `inpformer train ... --out {run_dir}`")
     if not path.is_file():
         hint = " (its training is still running or was interrupted)" if (run_dir / STAGING).is_dir() else ""
+        if (run_dir / STAGING / RESUME_RECORD).is_file():
+            hint = f" (its training is running, or was interrupted: go on with `inpformer train --resume {run_dir}`)"
         raise InpformerError(f"{path}: not found{hint}; pass a run directory written by "
                              "`inpformer train --out RUN_DIR`")
     try:
@@ -254,13 +362,14 @@ def _run_problem(run: object, run_dir: Path) -> str | None:
 def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
              categories: Sequence[str] | None = None, model: str | None = None, zero_shot: bool = False,
              save_maps: bool = False, out: str | Path | None = None, progress: bool = True,
-             report: bool = False) -> Evaluation:
+             report: bool = False, tracking: str | None = None) -> Evaluation:
     """Evaluates the models of a run on their categories' test images (or, zero-shot, one model on any
     categories); writes metrics.json / metrics.csv / scores.csv (and maps.npz) into `out`: by default the run
     directory, or RUN_DIR/zero-shot for zero-shot tests, so they never overwrite the run's own results.
     With calibrated thresholds (not zero-shot), also the decisions per defect type: recall.csv and
     `Evaluation.recall` (few-shot runs: of the first draw).
     With `report`, also report.html: metrics, curves, histograms and a gallery with the calibrated decisions.
+    With `tracking` ("tensorboard" or "mlflow"), the metrics also go to the run's experiment logs (a test named "test").
     `run_dir` may also be a single checkpoint (e.g. an imported model): it is tested on every category of
     `sources` (required), and the results go by default to the folder <checkpoint name>-test beside it."""
     target = Path(run_dir)
@@ -285,6 +394,27 @@ def test_run(run_dir: str | Path, sources: Sequence[DataSource] | None = None,
                              f"(found: {', '.join(sorted({s.category for s in samples}))}); pass the data the run "
                              "was trained on with --data, or use --zero-shot for unseen categories")
     out = output_folder(out if out else default_out / "zero-shot" if zero_shot else default_out, "--out")
+    tracker, finished = None, False
+    if tracking:
+        name = "zero-shot test" if zero_shot else "test"
+        tracker = open_tracker(tracking, out if target.is_file() else run_dir, name)
+    try:
+        evaluation = _test_models(target, run_dir, run, models, samples, roots, zero_shot, save_maps, out, progress,
+                                  report)
+        if tracker is not None:
+            tracker.log_params({"run": str(target), "zero_shot": zero_shot, "models": ",".join(models)})
+            tracker.log_metrics({f"test/{name}/{metric}": value for name, values, _ in evaluation.rows()
+                                 for metric, value in values.items()}, 0)
+        finished = True
+    finally:
+        if tracker is not None:
+            tracker.close(finished)
+    return evaluation
+
+
+def _test_models(target: Path, run_dir: Path, run: dict, models: dict, samples: list[Sample], roots: str,
+                 zero_shot: bool, save_maps: bool, out: Path, progress: bool, report: bool) -> Evaluation:
+    """`test_run` once its models and images are chosen."""
     with log_to_file(out / "test.log"):
         by_repeat: dict[int, list[Evaluation]] = {}
         gallery: list[GalleryItem] = []
@@ -406,11 +536,7 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
             detector = INPFormer.load(path)
             items = [s for s in samples if s.category in set(info["categories"])]
             if held_out:
-                if isinstance(info.get("training_images"), list):  # few-shot: the drawn images
-                    drawn = set(info["training_images"])
-                    items = [s for s in items if str(s.path) in drawn]
-                fitting, validation = split_validation(items, detector.config.val_fraction, detector.config.seed)
-                items, source = validation or fitting, training_calibration_source(fitting, validation)
+                items, source = _held_out(items, info, detector.config)
             else:
                 good, defective = sum(s.label == 0 for s in items), sum(s.label != 0 for s in items)
                 source = (f"{good} good{f' and {defective} defective' if method == 'f1' else ''} "
@@ -425,6 +551,28 @@ def calibrate_run(run_dir: str | Path, sources: Sequence[DataSource] | None = No
             results[name] = detector.calibration.thresholds[""]
             log.info("model %s: thresholds saved to %s", name, path)
     return results
+
+
+def held_out_images(run_dir: str | Path, checkpoint: str | Path, config: Config) -> tuple[list[Sample], str]:
+    """The good training images whose scores set the training thresholds of the run's model in `checkpoint` (the
+    split `calibrate RUN_DIR` uses too), and which they are in words."""
+    run = read_run(run_dir)
+    infos = [info for info in run["models"].values()
+             if (Path(run_dir) / info["file"]).resolve() == Path(checkpoint).resolve()]
+    if not infos:
+        raise InpformerError(f"{checkpoint}: not a model of the run {run_dir}; check run.json")
+    items = load_samples([DataSource(**d) for d in run["data"]], "train", infos[0]["categories"])
+    return _held_out(items, infos[0], config)
+
+
+def _held_out(items: list[Sample], info: dict, config: Config) -> tuple[list[Sample], str]:
+    """Of a model's training images (`info`: its run.json entry), those held out of fitting (or, without any, the
+    fitted ones), and which they are in words."""
+    if isinstance(info.get("training_images"), list):  # few-shot: the drawn images
+        drawn = set(info["training_images"])
+        items = [s for s in items if str(s.path) in drawn]
+    fitting, validation = split_validation(items, config.val_fraction, config.seed)
+    return validation or fitting, training_calibration_source(fitting, validation)
 
 
 def _set_by_hand(target: Path, model: str | None, category: str | None, image: float | None, pixel: float | None,

@@ -1,7 +1,7 @@
 """The inference graph (preprocessed images -> map, score, decision, embedding) and the PyTorch runtime.
 
 `InferenceGraph` is the single definition of inference: the PyTorch runtime runs it and the ONNX export traces
-it, so both runtimes compute the same thing by construction.
+it (and the ONNX and OpenVINO runtimes run that export), so all runtimes compute the same thing by construction.
 """
 
 from __future__ import annotations
@@ -55,11 +55,16 @@ class TorchRuntime:
         self.graph = graph.eval()
 
     def __call__(self, images: np.ndarray, valid: np.ndarray | None = None) -> RuntimeOutput:
-        images = np.ascontiguousarray(images, np.float32)
-        valid = full_boxes(images) if valid is None else np.ascontiguousarray(valid, np.float32)
+        images, valid = runtime_inputs(images, valid)
         with torch.inference_mode():
             maps, scores, _, embeddings = self.graph(torch.from_numpy(images), torch.from_numpy(valid))
         return RuntimeOutput(maps.numpy(), scores.numpy(), embeddings.numpy())
+
+
+def runtime_inputs(images: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A runtime's inputs as contiguous float32 arrays; no `valid`: boxes for images that fill the input."""
+    images = np.ascontiguousarray(images, np.float32)
+    return images, full_boxes(images) if valid is None else np.ascontiguousarray(valid, np.float32)
 
 
 def full_boxes(images: np.ndarray) -> np.ndarray:

@@ -1,18 +1,23 @@
-"""The training loop: optimiser, schedule, frozen-feature cache, device, data-parallel processes, seeds and
-progress. Nothing else imports it except the public API."""
+"""The training loop: optimiser, schedule, frozen-feature cache, device, data-parallel processes, seeds, progress,
+and the training state it saves and resumes from (when stopped by a signal, or crashed). Nothing else imports it
+except the public API."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +31,11 @@ from .backbone import cache_dir
 from .config import Config
 from .data.augment import ExpandedDataset
 from .data.images import ImageDataset
-from .errors import InpformerError
+from .errors import InpformerError, TrainingStopped
+from .files import write_atomically
 from .losses import inp_coherence_loss, soft_mining_loss
 from .model import INPFormerNet, ModelOutput
+from .tracking import Tracker
 
 log = logging.getLogger("inpformer")
 
@@ -100,6 +107,7 @@ class TrainingLog:
     losses: list[float] = field(default_factory=list)
     cache_seconds: float = 0.0
     train_seconds: float = 0.0
+    resumed_at: list[int] = field(default_factory=list)  # steps at which an interrupted training went on
 
 
 def total_iterations(config: Config, num_images: int) -> int:
@@ -206,8 +214,31 @@ def _mapped_file(path: Path, shape: tuple[int, ...], writer: bool) -> Tensor:
     return features
 
 
+STATE_FORMAT = "inpformer-training-state"
+# how training runs, not what it computes: a resumed training may change these
+RUNTIME_SETTINGS = ("device", "compile", "feature_cache", "feature_cache_storage")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where training keeps the state it resumes from: written atomically to `path` every `every` optimizer steps
+    (0: never) and when a SIGINT or SIGTERM stops it. With `resume`, training goes on from that state to the result
+    of an uninterrupted training (bit for bit on the CPU); it must be the same training: the config's settings
+    (but `RUNTIME_SETTINGS`) and `identity` (e.g. the training images) must be those saved."""
+
+    path: Path
+    every: int = 100
+    resume: bool = False
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise InpformerError(f"--checkpoint-every must be a number of steps of at least 0, got {self.every!r}")
+
+
 def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = True,
-          on_step: Callable[[int, INPFormerNet], None] | None = None, features: Tensor | None = None) -> TrainingLog:
+          on_step: Callable[[int, INPFormerNet], None] | None = None, features: Tensor | None = None,
+          checkpoints: Checkpoints | None = None, tracker: Tracker | None = None) -> TrainingLog:
     """Trains `net`'s INP Extractor, bottleneck and decoder on the good images of `dataset`, on `config.device`;
     `net` is back on the CPU afterwards.
 
@@ -216,6 +247,9 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
     and the gradients are averaged, so the result is that of one process with the same batch size.
     `on_step(steps_done, net)` is called after every optimizer step (e.g. to evaluate learning curves);
     `features`, `encode_dataset`'s output for `dataset` computed earlier, replaces the feature cache.
+    With `checkpoints`, the training state is saved (see `Checkpoints`), and a SIGINT or SIGTERM stops training after
+    its current step: the state is saved and `TrainingStopped` raised (a second signal acts as usual).
+    `tracker` receives the loss and learning rate of every step.
     """
     device = distributed.setup(config.device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -226,55 +260,95 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
         raise InpformerError(f"a batch of {batch_size} images cannot be shared by {world} processes; use a "
                              f"--batch-size (and a training set) of at least {world} images")
     net.to(device)
-    training_log = TrainingLog()
-    start = time.perf_counter()
-    batches = _local_batches(len(dataset), config.batch_size, config.seed, rank, world)
-    if config.feature_cache or features is not None:
-        cache = features if features is not None else encode_dataset(net, dataset, device,
-                                                                     config.feature_cache_storage, progress)
-        training_log.cache_seconds = time.perf_counter() - start
-        inputs = (cache[indices].to(device, non_blocking=True) for indices in batches)
-    else:
-        loader = DataLoader(dataset, batch_sampler=batches, **_loader_options(dataset, device))
-        inputs = (net.encode(batch["image"].to(device, non_blocking=True)) for batch in loader)
-    decode: nn.Module = _Decode(net, compile=config.compile and device.type == "cuda")
-    if torch.distributed.is_initialized():  # any process group, even of one process (torchrun --nproc-per-node 1)
-        decode = DistributedDataParallel(decode, device_ids=[device.index] if device.type == "cuda" else None,
-                                         broadcast_buffers=False)
     parameters = net.trainable_parameters()
     optimizer = StableAdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = warm_cosine_schedule(config.lr, config.final_lr, iterations, config.warmup_iterations)
-    net.train()
-    train_start = time.perf_counter()
-    subsets = _token_subsets(config, batch_size, rank, world)
-    bar = tqdm(range(iterations), desc="training", unit="it", disable=not progress)
-    for step in bar:
-        encoded = next(inputs)
-        token_subset = subsets(encoded.shape[2])
-        for group in optimizer.param_groups:
-            group["lr"] = float(schedule[step])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            output = decode(encoded, None if token_subset is None else token_subset.to(device))
-        # this process's share of the batch mean: DDP averages the processes' gradients
-        loss = training_loss(output, config) * (len(encoded) * world / batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
-        value = distributed.average(loss.detach()).item()
-        if not math.isfinite(value):
-            raise InpformerError(f"training diverged at step {step + 1} of {iterations}: the loss is {value}; "
-                                 f"try a lower --lr (now {config.lr:g}) or --grad-clip (now {config.grad_clip:g})")
-        training_log.losses.append(value)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{schedule[step]:.1e}")
-        if step % 50 == 0 or step == iterations - 1:
-            log.debug("step %d/%d loss %.5f lr %.2e", step + 1, iterations, value, schedule[step])
-        if on_step is not None:
-            on_step(step + 1, net)
+    batches = _BatchOrder(len(dataset), config.batch_size, config.seed)
+    subsets = _TokenSubsets(config, batch_size, rank, world)
+    training_log, state = TrainingLog(), None
+    if checkpoints is not None:
+        identity = {**_settings(config), **checkpoints.identity}
+        if checkpoints.resume:
+            state = _read_state(checkpoints.path, identity)
+            training_log = _restore(state, checkpoints.path, net, optimizer, batches, subsets)
+    with stop_signals if checkpoints is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        if config.feature_cache or features is not None:
+            cache = features if features is not None else encode_dataset(net, dataset, device,
+                                                                         config.feature_cache_storage, progress)
+            training_log.cache_seconds += time.perf_counter() - start
+
+            def inputs(indices: list[int]) -> Tensor:
+                return cache[indices].to(device, non_blocking=True)
+        else:  # the loader draws its batches ahead of training (prefetching), so it follows a copy of the order
+            loader = DataLoader(dataset, batch_sampler=(_share(batch, rank, world) for batch in batches.copy()),
+                                **_loader_options(dataset, device))
+            images = iter(loader)
+
+            def inputs(indices: list[int]) -> Tensor:
+                return net.encode(next(images)["image"].to(device, non_blocking=True))
+        decode: nn.Module = _Decode(net, compile=config.compile and device.type == "cuda")
+        if torch.distributed.is_initialized():  # any process group, even of one process (torchrun --nproc-per-node 1)
+            decode = DistributedDataParallel(decode, device_ids=[device.index] if device.type == "cuda" else None,
+                                             broadcast_buffers=False)
+        schedule = warm_cosine_schedule(config.lr, config.final_lr, iterations, config.warmup_iterations)
+        if state is not None:  # now that the cache and the loader drew from them, as they did the first time
+            _set_rng_states(state["rng"])
+        net.train()
+        first = state["step"] if state is not None else 0
+        seconds_before, train_start = training_log.train_seconds, time.perf_counter()
+
+        def save(step: int) -> None:
+            training_log.train_seconds = seconds_before + time.perf_counter() - train_start
+            if rank == 0:
+                saved = {"format": STATE_FORMAT, "identity": identity, "step": step,
+                         "weights": net.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                         "batches": batches.state_dict(), "tokens": subsets.generator.get_state(),
+                         "rng": _rng_states(), "log": asdict(training_log)}
+                write_atomically(checkpoints.path, lambda tmp: torch.save(saved, tmp))
+
+        def stop_if_asked(step: int) -> None:
+            received = distributed.largest(stop_signals.received or 0) if checkpoints is not None else 0
+            if received:  # every process stops at the same step
+                save(step)
+                raise TrainingStopped(f"training stopped by {signal.Signals(received).name} at step {step} of "
+                                      f"{iterations}; its state is saved in {checkpoints.path}", received)
+
+        bar = tqdm(range(first, iterations), initial=first, total=iterations, desc="training", unit="it",
+                   disable=not progress)
+        for step in bar:
+            stop_if_asked(step)
+            encoded = inputs(_share(next(batches), rank, world))
+            token_subset = subsets(encoded.shape[2])
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedule[step])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                output = decode(encoded, None if token_subset is None else token_subset.to(device))
+            # this process's share of the batch mean: DDP averages the processes' gradients
+            loss = training_loss(output, config) * (len(encoded) * world / batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            optimizer.step()
+            value = distributed.average(loss.detach()).item()
+            if not math.isfinite(value):
+                raise InpformerError(f"training diverged at step {step + 1} of {iterations}: the loss is {value}; "
+                                     f"try a lower --lr (now {config.lr:g}) or --grad-clip (now {config.grad_clip:g})")
+            training_log.losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{schedule[step]:.1e}")
+            if step % 50 == 0 or step == iterations - 1:
+                log.debug("step %d/%d loss %.5f lr %.2e", step + 1, iterations, value, schedule[step])
+            if tracker is not None and rank == 0:
+                tracker.log_metrics({"train/loss": value, "train/lr": float(schedule[step])}, step + 1)
+            if on_step is not None:
+                on_step(step + 1, net)
+            due = checkpoints is not None and checkpoints.every and (step + 1) % checkpoints.every == 0
+            if due and step + 1 < iterations:  # the finished model follows at once
+                save(step + 1)
+        stop_if_asked(iterations)
     net.eval()
     net.to("cpu")
     training_log.iterations = iterations
-    training_log.train_seconds = time.perf_counter() - train_start
+    training_log.train_seconds = seconds_before + time.perf_counter() - train_start
     return training_log
 
 
@@ -306,32 +380,158 @@ class _Decode(nn.Module):
         return self.net.decode(encoded, token_subset)
 
 
-def _token_subsets(config: Config, batch_size: int, rank: int, world: int) -> Callable[[int], Tensor | None]:
+class _TokenSubsets:
     """Per step, this process's share of a random subset of `config.train_tokens` token indices per image of the
     global batch (all processes draw the same ones, like the batches), or None to decode every token."""
-    generator = torch.Generator().manual_seed(config.seed + 1)
 
-    def draw(num_tokens: int) -> Tensor | None:
-        if config.train_tokens is None or config.train_tokens >= num_tokens:
+    def __init__(self, config: Config, batch_size: int, rank: int, world: int):
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.count, self.batch_size, self.rank, self.world = config.train_tokens, batch_size, rank, world
+
+    def __call__(self, num_tokens: int) -> Tensor | None:
+        if self.count is None or self.count >= num_tokens:
             return None
-        scores = torch.rand(batch_size, num_tokens, generator=generator)
-        subset = scores.topk(config.train_tokens, dim=1).indices
-        return torch.tensor_split(subset, world)[rank]
-
-    return draw
+        scores = torch.rand(self.batch_size, num_tokens, generator=self.generator)
+        subset = scores.topk(self.count, dim=1).indices
+        return torch.tensor_split(subset, self.world)[self.rank]
 
 
-def _local_batches(num_images: int, batch_size: int, seed: int, rank: int, world: int) -> Iterator[list[int]]:
-    """This process's share of every global batch of `_batch_indices` (all processes draw the same ones)."""
-    for batch in _batch_indices(num_images, batch_size, torch.Generator().manual_seed(seed)):
-        yield torch.tensor_split(batch, world)[rank].tolist()
+class _BatchOrder:
+    """Endless shuffled global batches of image indices, epoch by epoch; the incomplete last batch of an epoch is
+    dropped (as in the reference) unless the dataset is smaller than one batch. Its state (the generator, the
+    epoch's order and the place in it) is part of the training state."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int):
+        self.num_images, self.batch_size = num_images, min(batch_size, num_images)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0
+
+    def __iter__(self) -> _BatchOrder:
+        return self
+
+    def __next__(self) -> Tensor:
+        if self.position + self.batch_size > len(self.order):
+            self.order, self.position = torch.randperm(self.num_images, generator=self.generator), 0
+        self.position += self.batch_size
+        return self.order[self.position - self.batch_size : self.position]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], int(state["position"])
+
+    def copy(self) -> _BatchOrder:
+        twin = _BatchOrder(self.num_images, self.batch_size, 0)
+        twin.load_state_dict(self.state_dict())
+        return twin
 
 
-def _batch_indices(num_images: int, batch_size: int, generator: torch.Generator):
-    """Endless shuffled batches, epoch by epoch; the incomplete last batch of an epoch is dropped
-    (as in the reference) unless the dataset is smaller than one batch."""
-    batch_size = min(batch_size, num_images)
-    while True:
-        order = torch.randperm(num_images, generator=generator)
-        for start in range(0, num_images - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+def _share(batch: Tensor, rank: int, world: int) -> list[int]:
+    """This process's share of a global batch."""
+    return torch.tensor_split(batch, world)[rank].tolist()
+
+
+class StopSignals:
+    """While active (re-entrant), the first SIGINT or SIGTERM is only recorded in `received`, for training to stop
+    after its current step and save its state; a second one acts as before (Ctrl-C twice stops at once). A signal
+    recorded but not acted on (no `TrainingStopped` raised) is delivered again on leaving, so none is lost.
+    Only the main thread can catch signals; elsewhere they act as before."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._depth, self._previous, self._pid = 0, {}, 0
+
+    def __enter__(self) -> StopSignals:
+        if self._depth == 0:
+            self.received, self._pid = None, os.getpid()
+            if threading.current_thread() is threading.main_thread():
+                self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._depth += 1
+        return self
+
+    def __exit__(self, kind: type | None, *_) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._restore()
+            if self.received and kind is not TrainingStopped:
+                signal.raise_signal(self.received)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loading worker: the main process decides
+            return
+        self.received = signum
+        self._restore()
+        os.write(2, b"\ninpformer: stopping after the current step to save the training state "
+                    b"(signal again to stop at once)\n")
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+
+stop_signals = StopSignals()
+
+
+def _settings(config: Config) -> dict[str, Any]:
+    """The settings a resumed training must share with the interrupted one, by option name."""
+    return {"--" + k.replace("_", "-"): v for k, v in config.to_dict().items() if k not in RUNTIME_SETTINGS}
+
+
+def _read_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """A saved training state, checked to be one of this training (`identity`)."""
+    if not path.is_file():
+        raise InpformerError(f"{path}: no training state to resume from; train without resuming")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InpformerError(f"{path}: unreadable training state ({str(error).splitlines()[0][:200]}); train anew "
+                             "without resuming") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("identity"),
+                                                                                             dict):
+        raise InpformerError(f"{path}: not an inpformer training state; train anew without resuming")
+    for name, value in identity.items():
+        if state["identity"].get(name) != value:
+            raise InpformerError(f"{path}: {name} differs: {value!r} here, {state['identity'].get(name)!r} in the "
+                                 "interrupted training; resume with the same settings, or train anew")
+    return state
+
+
+def _restore(state: dict[str, Any], path: Path, net: INPFormerNet, optimizer: torch.optim.Optimizer,
+             batches: _BatchOrder, subsets: _TokenSubsets) -> TrainingLog:
+    """Puts the saved weights, optimiser state and data order back; returns the saved log."""
+    try:
+        missing, unexpected = net.load_state_dict(state["weights"], strict=False)
+        if unexpected or any(not key.startswith("encoder.") for key in missing):
+            raise ValueError(f"the weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["batches"])
+        subsets.generator.set_state(state["tokens"])
+        training_log = TrainingLog(**state["log"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise InpformerError(f"{path}: malformed training state ({str(error).splitlines()[0][:200]}); train anew "
+                             "without resuming") from None
+    training_log.resumed_at.append(int(state["step"]))
+    log.info("resuming training at step %d from %s", state["step"], path)
+    return training_log
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global generators' states, as tensors and plain values (what `torch.load(weights_only=True)` reads)."""
+    numpy = np.random.get_state(legacy=False)
+    key = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    return {"python": random.getstate(), "numpy": {**numpy, "state": {**numpy["state"], "key": key}},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    """Sets the global generators to `_rng_states`' output."""
+    random.setstate(states["python"])
+    numpy = states["numpy"]
+    np.random.set_state({**numpy, "state": {**numpy["state"], "key": numpy["state"]["key"].numpy().astype(np.uint32)}})
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
