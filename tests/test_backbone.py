@@ -163,7 +163,7 @@ def test_missing_or_wrong_weights_file(tmp_path):
     with pytest.raises(InpformerError, match=r"nope\.pth: backbone weights file not found"):
         bb.load_encoder("tiny_random", 56, weights=tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(InpformerError, match=r"junk\.pth: cannot read"):
+    with pytest.raises(InpformerError, match=r"junk\.pth: not a readable backbone weights file"):
         bb.load_encoder("tiny_random", 56, weights=tmp_path / "junk.pth")
     other = timm.create_model("vit_small_patch14_dinov2", **dict(TINY, depth=3))
     torch.save(other.state_dict(), tmp_path / "short.pth")

@@ -238,9 +238,9 @@ def test_refuses_files_that_do_not_fit(tmp_path):
             INPFormer.from_official(path, chosen, 56)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(InpformerError, match=r"junk\.pth: cannot read it as a PyTorch state dict"):
+    with pytest.raises(InpformerError, match=r"junk\.pth: not a readable PyTorch state dict"):
         INPFormer.from_official(tmp_path / "junk.pth", "tiny_reg")
-    with pytest.raises(InpformerError, match=r"nope\.pth: file not found"):
+    with pytest.raises(InpformerError, match=r"nope\.pth: PyTorch state dict not found"):
         INPFormer.from_official(tmp_path / "nope.pth", "tiny_reg")
 
 

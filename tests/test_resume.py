@@ -211,7 +211,7 @@ def test_fit_resumes_from_its_training_state(dataset, tmp_path, monkeypatch):
     assert all(torch.equal(v, expected[k]) for k, v in resumed.net.trainable_state_dict().items())
     assert resumed.training_log.losses == reference.training_log.losses
     assert resumed.calibration.thresholds[""].image == reference.calibration.thresholds[""].image
-    with pytest.raises(InpformerError, match="no training state to resume from"):
+    with pytest.raises(InpformerError, match="training state not found; train anew"):
         INPFormer(**settings).fit(samples, progress=False, training_state=tmp_path / "none.pt", resume=True)
 
 

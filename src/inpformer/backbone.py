@@ -21,7 +21,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from inpformer.data.geometry import Size, format_size, parse_size
-from inpformer.errors import InpformerError
+from inpformer.errors import InpformerError, first_line
+from inpformer.files import read_torch_file
 
 log = logging.getLogger("inpformer")
 
@@ -182,18 +183,16 @@ def build_encoder(name: str, img_size: int | Size, state: dict[str, Tensor] | No
 
 
 def _read_weights_file(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise InpformerError(f"{path}: backbone weights file not found; check --backbone-weights")
-    try:
-        if path.suffix == ".safetensors":
+    fix = "pass a DINOv2/timm state dict (.pth, .bin or .safetensors) to --backbone-weights"
+    if path.suffix != ".safetensors":
+        state = read_torch_file(path, "backbone weights file", fix)
+    elif not path.is_file():
+        raise InpformerError(f"{path}: backbone weights file not found; {fix}")
+    else:
+        try:
             state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file gets the same one-line message
-        raise InpformerError(
-            f"{path}: cannot read backbone weights ({type(error).__name__}); "
-            "expected a DINOv2/timm state dict (.pth, .bin or .safetensors)"
-        ) from None
+        except Exception as error:  # any unreadable file gets the same one-line message
+            raise InpformerError(f"{path}: not a readable backbone weights file ({first_line(error)}); {fix}") from None
     if not isinstance(state, dict):
         raise InpformerError(f"{path}: not a state dict; expected a DINOv2/timm checkpoint")
     return state

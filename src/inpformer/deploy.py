@@ -22,7 +22,7 @@ from .calibration import check_min_defect_area, describe_area
 from .data.datasets import load_folder
 from .data.images import MAX_PIXELS, Sample
 from .detector import INPFormer
-from .errors import InpformerError
+from .errors import InpformerError, first_line
 from .export import OPENVINO_XML, OnnxRuntime, export_onnx, export_openvino, is_openvino_folder, open_runtime
 from .files import output_file, output_folder, write_text_atomically
 from .inference import Failure, Prediction, Predictor, describe_rule, find_images
@@ -97,7 +97,7 @@ def _exported_predictor(path: Path, threads: int | None) -> Predictor:
     except KeyError as error:
         problem = f"no {error} entry"
     except (TypeError, ValueError, AttributeError, InpformerError) as error:
-        problem = str(error).splitlines()[0][:200]
+        problem = first_line(error)
     option = "--openvino DIR" if path.is_dir() else "--onnx FILE"
     raise InpformerError(f"{path}: malformed inpformer metadata ({problem}); re-export with "
                          f"`inpformer export RUN_DIR {option}`")

@@ -24,8 +24,8 @@ from .data.augment import ExpandedDataset
 from .data.geometry import Geometry, Size, format_size, mask_on_map
 from .data.images import ImageDataset, Preprocess, Sample, read_image, sample_mask
 from .data.tiling import TileDataset, resize_mask
-from .errors import InpformerError
-from .files import write_atomically
+from .errors import InpformerError, first_line
+from .files import read_torch_file, write_atomically
 from .inference import Prediction, Predictor, Runtime, model_metadata
 from .metrics import MetricAccumulator
 from .model import INPFormerNet
@@ -337,13 +337,7 @@ class INPFormer:
         """Rebuilds a detector from `save`'s file (the backbone weights come from the file itself when it carries
         them, as imported models do, else from their recorded source)."""
         path = Path(path)
-        if not path.is_file():
-            raise InpformerError(f"{path}: checkpoint not found; pass the model file written by training")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise InpformerError(f"{path}: not a readable inpformer checkpoint ({_short(error)}); "
-                                 "retrain or pass the model file written by training") from None
+        checkpoint = read_torch_file(path, "inpformer checkpoint", "retrain or pass the model file written by training")
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise InpformerError(f"{path}: not an inpformer checkpoint; pass the model file written by training")
         try:
@@ -352,7 +346,7 @@ class INPFormer:
             raise InpformerError(f"{path}: malformed checkpoint (no {error} entry); retrain or pass the model file "
                                  "written by training") from None
         except (TypeError, ValueError, AttributeError, RuntimeError, InpformerError) as error:
-            raise InpformerError(f"{path}: malformed checkpoint ({_short(error)}); retrain or pass the model file "
+            raise InpformerError(f"{path}: malformed checkpoint ({first_line(error)}); retrain or pass the model file "
                                  "written by training") from None
         return detector
 
@@ -418,10 +412,6 @@ def _maybe_progress(items: Iterable, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc="scoring")
-
-
-def _short(error: Exception) -> str:
-    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
 @functools.cache  # package metadata lookups cost milliseconds, and every predict() call records the versions

@@ -18,3 +18,8 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, signal: int):
         super().__init__(message)
         self.signal = signal
+
+
+def first_line(error: BaseException) -> str:
+    """`error`'s message cut to one short line (or its type when it has none), for wrapping in an InpformerError."""
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__

@@ -1,5 +1,5 @@
 """Writing files safely: atomically (a crash, power cut or full disk never leaves a half-written or empty file under
-the final name), readable per the umask, and into output folders checked up front."""
+the final name), readable per the umask, and into output folders checked up front; reading PyTorch files safely."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .errors import InpformerError
+import torch
+
+from .errors import InpformerError, first_line
 
 
 def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -59,6 +62,17 @@ def output_file(path: str | Path, option: str, suffix: str) -> Path:
         raise InpformerError(f"{option} {path}: the file name must end in {suffix}")
     output_folder(path.parent, option)
     return path
+
+
+def read_torch_file(path: Path, what: str, fix: str) -> Any:
+    """`torch.load` of `path` with weights_only=True (tensors and plain values: a file never runs code); a missing
+    or unreadable file raises a one-line error naming `what` the file should be and the `fix`."""
+    if not path.is_file():
+        raise InpformerError(f"{path}: {what} not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file gets the same one-line message
+        raise InpformerError(f"{path}: not a readable {what} ({first_line(error)}); {fix}") from None
 
 
 def _umask() -> int:

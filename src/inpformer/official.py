@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from .errors import InpformerError
+from .files import read_torch_file
 from .model import INPFormerNet
 
 _ENCODER = "encoder."
@@ -29,13 +29,7 @@ def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor
     """(encoder weights with Meta's DINOv2 names, the other weights with the reference's names) of a released
     file, read with weights_only=True."""
     path = Path(path)
-    if not path.is_file():
-        raise InpformerError(f"{path}: file not found; pass the model.pth of an official INP-Former model")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file gets the same one-line message
-        raise InpformerError(f"{path}: cannot read it as a PyTorch state dict ({type(error).__name__}); "
-                             f"{_FIX}") from None
+    state = read_torch_file(path, "PyTorch state dict", _FIX)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise InpformerError(f"{path}: not a state dict of tensors; {_FIX}")
     encoder = {k[len(_ENCODER):]: v for k, v in state.items() if k.startswith(_ENCODER)}

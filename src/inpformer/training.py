@@ -31,8 +31,8 @@ from .backbone import cache_dir
 from .config import Config
 from .data.augment import ExpandedDataset
 from .data.images import ImageDataset
-from .errors import InpformerError, TrainingStopped
-from .files import write_atomically
+from .errors import InpformerError, TrainingStopped, first_line
+from .files import read_torch_file, write_atomically
 from .losses import inp_coherence_loss, soft_mining_loss
 from .model import INPFormerNet, ModelOutput
 from .tracking import Tracker
@@ -375,7 +375,7 @@ class _Decode(nn.Module):
             try:
                 return self.compiled(encoded, token_subset)
             except Exception as error:
-                log.warning("torch.compile failed (%s); training without it", str(error).splitlines()[0][:200])
+                log.warning("torch.compile failed (%s); training without it", first_line(error))
                 self.compiled = None
         return self.net.decode(encoded, token_subset)
 
@@ -482,13 +482,7 @@ def _settings(config: Config) -> dict[str, Any]:
 
 def _read_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """A saved training state, checked to be one of this training (`identity`)."""
-    if not path.is_file():
-        raise InpformerError(f"{path}: no training state to resume from; train without resuming")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InpformerError(f"{path}: unreadable training state ({str(error).splitlines()[0][:200]}); train anew "
-                             "without resuming") from None
+    state = read_torch_file(path, "training state", "train anew without resuming")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("identity"),
                                                                                              dict):
         raise InpformerError(f"{path}: not an inpformer training state; train anew without resuming")
@@ -511,7 +505,7 @@ def _restore(state: dict[str, Any], path: Path, net: INPFormerNet, optimizer: to
         subsets.generator.set_state(state["tokens"])
         training_log = TrainingLog(**state["log"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise InpformerError(f"{path}: malformed training state ({str(error).splitlines()[0][:200]}); train anew "
+        raise InpformerError(f"{path}: malformed training state ({first_line(error)}); train anew "
                              "without resuming") from None
     training_log.resumed_at.append(int(state["step"]))
     log.info("resuming training at step %d from %s", state["step"], path)
