@@ -31,12 +31,15 @@ TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", 
 
 
 def check_distributions(repo: Path, wheel: Path, sdist: Path) -> None:
-    """The wheel has every file of the package's static folder; the sdist has README, pyproject and all of src."""
+    """The wheel has every file of the package's static folder and the licence; the sdist has README, pyproject,
+    the licence and all of src."""
     package = repo / "src" / "inpformer"
     static = {p.relative_to(package.parent).as_posix() for p in (package / "service" / "static").iterdir()}
     with zipfile.ZipFile(wheel) as archive:
-        missing = static - set(archive.namelist())
+        names = archive.namelist()
+    missing = static - set(names)
     assert static and not missing, f"{wheel.name} lacks package data: {sorted(missing)}"
+    assert any(".dist-info/licenses/LICENSE" in name for name in names), f"{wheel.name} lacks the LICENSE"
 
     sources = {p.relative_to(repo).as_posix() for p in package.rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}

@@ -20,6 +20,8 @@ both through `AnomalyScorer` (upsampling, blur, top-1 % score) and `MetricAccumu
 `--data demo` is `make demo`'s data (ELPV cells, image labels only: pixel metrics are NaN). `--variants` trains one
 curve per `NAME:KEY=VALUE,...` (config fields changed from the preset; `preset` alone is the preset itself) and
 `--seeds` repeats each with other seeds (initialisation, data order, token subsets), all from one feature cache.
+`--features FILE` keeps that cache on disk for the next run with the same data and input (about 3 MB per image at
+448 px), which then starts training at once; its train minutes still count the first run's encoding.
 
 Train minutes at each point = encoding the training images + the optimizer steps so far (evaluation excluded);
 run it alone on the machine (the timings are wall-clock).
@@ -45,6 +47,7 @@ from inpformer.data.geometry import format_size
 from inpformer.data.images import ImageDataset, Preprocess
 from inpformer.demo import elpv_samples
 from inpformer.detector import split_validation
+from inpformer.files import write_atomically
 from inpformer.metrics import METRIC_NAMES, MetricAccumulator
 from inpformer.model import INPFormerNet
 from inpformer.scoring import AnomalyScorer, valid_pixels
@@ -105,7 +108,7 @@ def evaluate(token_maps_of, features: torch.Tensor, labels, masks, valid, scorer
         for start in range(0, len(features), 16):
             part = slice(start, start + 16)
             maps = scorer.maps(token_maps_of(features[part]), valid[part])
-            accumulator.add(labels[part], scorer.scores(maps).numpy(), masks[part], maps.numpy(),
+            accumulator.add(labels[part], scorer.scores(maps, valid[part]).numpy(), masks[part], maps.numpy(),
                             valid_pixels(valid[part], scorer.map_shape).numpy())
     return accumulator.compute()
 
@@ -153,6 +156,8 @@ def main() -> None:
                              "the exact grid size (timm's resample_abs_pos_embed, used before)")
     parser.add_argument("--bank-size", type=int, default=16384, help="baseline memory bank (0: every token)")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--features", help="file keeping the encoded features between runs: read when it exists "
+                                           "(same data, input and position embeddings), else written")
     parser.add_argument("--out", required=True, help="JSON file for the results")
     args = parser.parse_args()
 
@@ -178,11 +183,26 @@ def main() -> None:
                                                                        load_mvtec(args.data, "test"))
     fitting, _ = split_validation(train_samples, config.val_fraction, config.seed)
 
-    start = time.perf_counter()
     train_set = ImageDataset(fitting, preprocess)
-    train_features = encode_dataset(net, train_set, progress=False)
-    cache_seconds = time.perf_counter() - start
-    test_data = encode_test(net, preprocess, test, scorer.map_shape)
+    key = {"data": args.data if args.data == "demo" else str(Path(args.data).resolve()), "pos_embed": args.pos_embed,
+           "preprocess": [config.backbone, config.image_size, config.crop_size, config.resize_mode, config.map_size],
+           "images": [len(fitting), len(test)]}
+    if args.features and Path(args.features).is_file():
+        saved = torch.load(args.features, weights_only=True)  # written below by this script
+        if saved["key"] != key:
+            parser.error(f"--features {args.features}: encoded with other settings ({saved['key']}); pass another file")
+        train_features, cache_seconds = saved["train"], saved["cache_seconds"]
+        test_data = (saved["test"], saved["labels"].numpy(), saved["masks"].numpy(), saved["valid"])
+    else:
+        start = time.perf_counter()
+        train_features = encode_dataset(net, train_set, progress=False)
+        cache_seconds = time.perf_counter() - start
+        test_data = encode_test(net, preprocess, test, scorer.map_shape)
+        if args.features:
+            saved = {"key": key, "train": train_features, "cache_seconds": cache_seconds, "test": test_data[0],
+                     "labels": torch.from_numpy(test_data[1]), "masks": torch.from_numpy(test_data[2]),
+                     "valid": test_data[3]}
+            write_atomically(args.features, lambda temporary: torch.save(saved, temporary))
     test_features = test_data[0]
     print(f"{Path(args.data).name} (position embeddings: {args.pos_embed}): {len(fitting)} training, "
           f"{len(test)} test images at "

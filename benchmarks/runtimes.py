@@ -1,5 +1,5 @@
-"""PyTorch vs ONNX fp32 vs ONNX int8 (static, dynamic) vs OpenVINO on real test images: agreement, accuracy and
-speed of each runtime.
+"""PyTorch vs ONNX fp32 vs ONNX int8 (static, dynamic) vs OpenVINO (fp32, static int8) on real test images:
+agreement, accuracy and speed of each runtime.
 
     python benchmarks/runtimes.py runs/mt/models/magnetic_tile.pt --data ../shared/datasets/magnetic_tile
 
@@ -28,8 +28,9 @@ from inpformer.calibration import Calibration
 from inpformer.data.images import ImageDataset
 from inpformer.deploy import export_model
 from inpformer.export import open_runtime
-from inpformer.metrics import compute_metrics
+from inpformer.metrics import MetricAccumulator
 from inpformer.runtime import TorchRuntime
+from inpformer.scoring import valid_pixels
 
 
 def main() -> None:
@@ -78,6 +79,9 @@ def main() -> None:
         if importlib.util.find_spec("openvino") is not None:
             [path] = export_model(checkpoint, openvino=Path(folder) / "openvino")
             runtimes["openvino"] = open_runtime(path, args.threads)
+            [path] = export_model(checkpoint, openvino=Path(folder) / "openvino-int8", int8="static", run_dir=run_dir,
+                                  calibration_data=args.calibration_data)
+            runtimes["openvino int8"] = open_runtime(path, args.threads)
         else:
             print("openvino: not installed (pip install 'inpformer[openvino]'), skipped")
         reference, speeds = None, {}
@@ -91,7 +95,9 @@ def main() -> None:
             speeds[name] = len(images) / (time.perf_counter() - start)
             maps = np.concatenate([o.maps for o in outputs])
             scores = np.concatenate([o.scores for o in outputs])
-            metrics = compute_metrics(labels, scores, masks, maps)
+            accumulator = MetricAccumulator()  # padding (of a padded input) left out, as `inpformer test` does
+            accumulator.add(labels, scores, masks, maps, valid_pixels(torch.from_numpy(valid), maps.shape[1:]).numpy())
+            metrics = accumulator.compute()
             reference = reference or (maps, scores, scores > threshold)
             ratio = f" ({speeds[name] / speeds['onnx fp32']:.2f}x fp32)" if "onnx fp32" in speeds else ""
             print(f"{name:17s} {speeds[name]:6.2f} images/s{ratio:13s}  max |map - torch| "

@@ -1,13 +1,14 @@
 """Non-square inputs and aspect-preserving padding, end to end: train, test, predict, ONNX."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 from synthetic import add_defect, save_image, textured_image
 
-from inpformer import INPFormer, load_mvtec
+from inpformer import INPFormer, load_mvtec, training
 from inpformer.cli import main
 from inpformer.scoring import valid_pixels
 
@@ -37,7 +38,7 @@ def tall_dataset(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_padding_never_counts_in_maps_scores_or_metrics(tall_dataset, tmp_path):
+def test_padding_never_counts_in_maps_scores_or_metrics(tall_dataset, tmp_path, caplog):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tall_dataset), "--image-size", "56x42", "--resize-mode", "pad",
                  "--out", str(run), *TINY]) == 0
@@ -50,6 +51,9 @@ def test_padding_never_counts_in_maps_scores_or_metrics(tall_dataset, tmp_path):
     valid = valid_pixels(dataset_boxes, (341, 256)).numpy()
     assert not valid.all() and valid.any(axis=(1, 2)).all()
     assert np.abs(scored.maps[~valid]).max() == 0 and scored.maps[valid].max() > 0
+    for score, image_map, inside in zip(scored.scores, scored.maps.astype(np.float32), valid, strict=True):
+        own = np.sort(image_map[inside])[::-1][: int(inside.sum() * 0.01)]  # the top 1 % of the image's pixels
+        assert score == pytest.approx(own.mean(), rel=2e-3)
 
     assert main(["test", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())["categories"]["strip"]
@@ -69,9 +73,20 @@ def test_padding_never_counts_in_maps_scores_or_metrics(tall_dataset, tmp_path):
     assert rows[0]["score"] == pytest.approx(rows[1]["score"], abs=1e-4)
     assert rows[0]["decision"] == rows[1]["decision"]
 
+    # a padded model saved before scores left the padding out: its thresholds are flagged as stale at loading
+    old = torch.load(run / "models" / "strip.pt", weights_only=True) | {"format_version": 1}
+    torch.save(old, tmp_path / "old.pt")
+    logger = logging.getLogger("inpformer")  # the CLI's logging stops its records at this logger
+    logger.addHandler(caplog.handler)
+    try:
+        INPFormer.load(tmp_path / "old.pt")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "old.pt: its thresholds were set when a padded image's score was taken over the whole input" in caplog.text
+
 
 @pytest.mark.slow
-def test_non_square_stretch_and_token_subsets_from_the_cli(tall_dataset, tmp_path):
+def test_non_square_stretch_and_token_subsets_from_the_cli(tall_dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tall_dataset), "--image-size", "56x28", "--train-tokens", "4",
                  "--out", str(run), *TINY]) == 0
@@ -79,6 +94,21 @@ def test_non_square_stretch_and_token_subsets_from_the_cli(tall_dataset, tmp_pat
     assert detector.config.train_tokens == 4 and detector.config.crop_size == (56, 28)
     prediction = detector.predict(tall_dataset / "test" / "good" / "000.png")
     assert prediction.anomaly_map.shape == (64, 30)
+
+    # padded, the subsets are drawn from each image's own tokens: of the 4 x 3 token grid, the narrow images fill
+    # the middle column (4 tokens), the wide ones all 12
+    drawn = []
+    draw = training._TokenSubsets.__call__
+
+    def spy(self, num_tokens, valid=None):
+        drawn.append((valid, draw(self, num_tokens, valid)))
+        return drawn[-1][1]
+
+    monkeypatch.setattr(training._TokenSubsets, "__call__", spy)
+    assert main(["train", "--data", str(tall_dataset), "--image-size", "56x42", "--resize-mode", "pad",
+                 "--train-tokens", "4", "--out", str(tmp_path / "padded"), *TINY]) == 0
+    assert len(drawn) == 20 and any(not valid.all() for valid, _ in drawn)
+    assert all(valid.gather(1, subset).all() for valid, subset in drawn)  # every image has 4 valid tokens or more
     assert main(["train", "--data", str(tall_dataset), "--image-size", "56x30", "--out", str(tmp_path / "bad"),
                  *TINY]) == 2
     assert main(["train", "--data", str(tall_dataset), "--train-tokens", "0", "--out", str(tmp_path / "bad"),

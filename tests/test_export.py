@@ -101,6 +101,15 @@ def test_openvino_metadata_round_trip(openvino_folder):
     assert sorted(p.name for p in openvino_folder.iterdir()) == ["model.bin", "model.xml"]  # no temporary files
 
 
+def _assert_one_line_errors(loaders, path, *fragments):
+    """Each loader refuses `path` with one line naming it and holding every fragment (the problem and the fix)."""
+    for load in loaders:
+        with pytest.raises(InpformerError) as error:
+            load(path)
+        message = str(error.value)
+        assert "\n" not in message and all(part in message for part in (str(path), *fragments)), message
+
+
 def _foreign_onnx(path):
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "foreign",
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
@@ -116,12 +125,7 @@ def _foreign_onnx(path):
 def test_unusable_files_raise_one_line_errors(tmp_path, make, reason):
     path = tmp_path / "model.onnx"
     make(path)
-    for load in (read_onnx_metadata, OnnxRuntime):
-        with pytest.raises(InpformerError) as error:
-            load(path)
-        message = str(error.value)
-        assert str(path) in message and reason in message and "inpformer export" in message
-        assert "\n" not in message
+    _assert_one_line_errors((read_onnx_metadata, OnnxRuntime), path, reason, "inpformer export")
 
 
 def _openvino_ir(folder, onnx_path, **rt_info):
@@ -150,12 +154,7 @@ def test_unusable_openvino_folders_raise_one_line_errors(exported, tmp_path, mak
     folder = tmp_path / "model"
     folder.mkdir()
     make(folder, exported[1])
-    for load in (read_metadata, OpenVinoRuntime):
-        with pytest.raises(InpformerError) as error:
-            load(folder)
-        message = str(error.value)
-        assert str(folder) in message and reason in message and "inpformer export RUN_DIR --openvino DIR" in message
-        assert "\n" not in message
+    _assert_one_line_errors((read_metadata, OpenVinoRuntime), folder, reason, "inpformer export RUN_DIR --openvino DIR")
 
 
 def test_missing_openvino_extra_is_a_one_line_error(exported, tmp_path, monkeypatch):

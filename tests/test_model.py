@@ -10,7 +10,7 @@ from inpformer.config import make_config
 from inpformer.losses import inp_coherence_loss, soft_mining_loss
 from inpformer.model import GROUPS, DecoderBlock, INPFormerNet
 from inpformer.scoring import AnomalyScorer, gaussian_kernel
-from inpformer.training import StableAdamW, train, warm_cosine_schedule
+from inpformer.training import StableAdamW, _TokenSubsets, train, warm_cosine_schedule
 
 DIM, HEADS = 16, 2
 
@@ -250,3 +250,32 @@ def test_scorer_on_a_non_square_input_and_valid_boxes():
     hidden = scorer.maps(token_maps, valid=torch.tensor([[0.0, 0.0, 0.5, 1.0]]))  # top half only
     assert hidden[0, 256:].abs().max() == 0 and torch.equal(hidden[0, :256], maps[0, :256])
     assert scorer.scores(hidden) < scorer.scores(maps)
+
+
+def test_the_score_is_the_top_share_of_the_image_pixels_not_of_the_padded_input():
+    """A part padded to a quarter of the input is scored on the top 1 % of its own pixels, like the same map
+    unpadded, so the score does not depend on the padding (the padded pixels are 0 and never count)."""
+    scorer = AnomalyScorer(input_size=56)
+    image = torch.rand(1, 64, 256) + 1.0  # the part's own map: 16384 pixels
+    padded = torch.zeros(1, 256, 256)
+    padded[:, 96:160] = image
+    box = torch.tensor([[96 / 256, 0.0, 160 / 256, 1.0]])
+    own_top = image.flatten().sort(descending=True).values[: int(64 * 256 * 0.01)].mean()
+    assert scorer.scores(padded, box).item() == pytest.approx(own_top.item(), rel=1e-6)
+    assert scorer.scores(padded).item() < own_top.item()  # 1 % of the whole input averages far more pixels
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    maps = torch.rand(3, 256, 256)
+    torch.testing.assert_close(scorer.scores(maps, full.expand(3, 4)), scorer.scores(maps))
+
+
+def test_token_subsets_of_padded_images_are_drawn_from_their_own_tokens():
+    config = make_config("cpu", train_tokens=4)
+    valid = torch.zeros(3, 16, dtype=torch.bool)
+    valid[0, 2:8] = True  # 6 valid tokens: the subset is 4 of them
+    valid[1, [3, 11]] = True  # 2 valid tokens: both, and 2 of the padding
+    valid[2] = True  # no padding: the subset drawn without a mask
+    subset = _TokenSubsets(config, 3, rank=0, world=1)(16, valid)
+    assert set(subset[0].tolist()) <= set(range(2, 8)) and len(set(subset[0].tolist())) == 4
+    assert {3, 11} <= set(subset[1].tolist())
+    unmasked = _TokenSubsets(config, 3, rank=0, world=1)(16)
+    assert torch.equal(subset[2], unmasked[2])

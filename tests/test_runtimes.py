@@ -13,6 +13,7 @@ from synthetic import make_mvtec
 from inpformer import INPFormer
 from inpformer.calibration import calibrate
 from inpformer.cli import main
+from inpformer.data.images import read_image
 from inpformer.deploy import export_model, load_predictor
 from inpformer.export import OnnxRuntime, read_metadata
 from inpformer.quantize import _DECODER_MLP_INPUT, _channel_maxima, _smooth_decoder_mlp_inputs
@@ -106,6 +107,21 @@ def test_static_int8_is_quantised_and_recalibrated_on_its_own_scores(run, checkp
     assert onnx.numpy_helper.to_array(constant) == np.float32(stored["thresholds"][""]["image"])
 
 
+def test_openvino_int8_runs_the_static_int8_model_with_its_thresholds(run, static_int8, dataset, tmp_path):
+    pytest.importorskip("openvino")
+    folder = tmp_path / "openvino-int8"
+    assert main(["export", str(run), "--openvino", str(folder), "--int8"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml"]
+    int8, openvino = OnnxRuntime(static_int8), load_predictor(folder).runtime
+    assert openvino.metadata["quantization"] == "static"  # thresholds recalibrated on the same images' int8 scores
+    assert openvino.metadata["calibration"]["thresholds"] == int8.metadata["calibration"]["thresholds"]
+    preprocess = load_predictor(folder).preprocess
+    images = np.stack([preprocess(read_image(p)).numpy() for p in sorted((dataset / "plate" / "test").rglob("*.png"))])
+    expected, got = int8(images, full_boxes(images)), openvino(images, full_boxes(images))
+    # the same int8 ranges; the two runtimes round their int8 arithmetic alike but not bit for bit
+    np.testing.assert_allclose(got.scores, expected.scores, atol=0.02 * np.ptp(expected.scores))
+
+
 def test_smoothing_keeps_the_fp32_function_and_evens_the_channels(checkpoint, tmp_path):
     [path] = export_model(checkpoint, tmp_path / "fp32.onnx")
     size = OnnxRuntime(path).input_size
@@ -163,7 +179,7 @@ def test_static_int8_from_a_checkpoint_calibrates_on_a_folder(checkpoint, datase
 
 @pytest.mark.parametrize(("options", "message"), [
     ([], "nothing to export: give --onnx FILE and/or --openvino DIR"),
-    (["--openvino", "OUT", "--int8"], "--int8 quantises the ONNX export; give --onnx FILE too"),
+    (["--openvino", "OUT", "--int8", "dynamic"], "--openvino exports fp32 or --int8 static"),
     (["--onnx", "OUT.onnx", "--calibration-data", "DATA"], "--calibration-data calibrates --int8 static"),
     (["--onnx", "OUT.onnx", "--int8", "dynamic", "--calibration-data", "DATA"], "--calibration-data calibrates"),
     (["--onnx", "OUT.onnx", "--int8", "--calibration-data", "MISSING"], "--calibration-data MISSING: folder of good "

@@ -163,11 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "folder (docs/runtimes.md)")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a .pt checkpoint")
     export.add_argument("--onnx", metavar="FILE", help="write an ONNX file (fp32, or int8 with --int8)")
-    export.add_argument("--openvino", metavar="DIR", help="write an OpenVINO folder, model.xml and model.bin (fp32; "
-                                                          "needs pip install 'inpformer[openvino]')")
+    export.add_argument("--openvino", metavar="DIR", help="write an OpenVINO folder, model.xml and model.bin (fp32, "
+                                                          "or int8 with --int8; needs pip install "
+                                                          "'inpformer[openvino]')")
     export.add_argument("--int8", nargs="?", const="static", choices=INT8_METHODS,
-                        help="quantise the ONNX file for faster CPU inference: static (the default) calibrates on "
-                             "good images and recalibrates the thresholds on the int8 scores; dynamic needs none")
+                        help="quantise for faster CPU inference: static (the default) calibrates on good images and "
+                             "recalibrates the thresholds on the int8 scores; dynamic needs none (ONNX only)")
     export.add_argument("--calibration-data", metavar="DIR",
                         help="folder of good images for --int8 static (default, for a run directory: the run's "
                              "held-out good images, which set its thresholds)")

@@ -107,14 +107,16 @@ def export_model(checkpoint: str | Path, onnx_path: str | Path | None = None, in
                  openvino: str | Path | None = None, calibration_data: str | Path | None = None,
                  run_dir: str | Path | None = None) -> list[Path]:
     """Exports a checkpoint to one self-contained ONNX file (fp32, or int8 with `int8` "static" or "dynamic") and/or
-    an OpenVINO folder (fp32); returns the paths written. Static int8 is calibrated on good images: those of the
-    folder `calibration_data`, or else the held-out images of `run_dir` (the run of `checkpoint`), which set its
-    thresholds at training. Their activations set the int8 ranges, and the int8 model's own scores of them its
-    thresholds (recalibrated as the checkpoint's were, so its decisions are not shifted by int8 rounding)."""
+    an OpenVINO folder (fp32, or the static int8 model); returns the paths written. Static int8 is calibrated on
+    good images: those of the folder `calibration_data`, or else the held-out images of `run_dir` (the run of
+    `checkpoint`), which set its thresholds at training. Their activations set the int8 ranges, and the int8
+    model's own scores of them its thresholds (recalibrated as the checkpoint's were, so its decisions are not
+    shifted by int8 rounding); an OpenVINO int8 folder gets the same thresholds."""
     if onnx_path is None and openvino is None:
         raise InpformerError("nothing to export: give --onnx FILE and/or --openvino DIR")
-    if int8 is not None and onnx_path is None:
-        raise InpformerError("--int8 quantises the ONNX export; give --onnx FILE too (OpenVINO exports are fp32)")
+    if int8 == "dynamic" and openvino is not None:
+        raise InpformerError("--openvino exports fp32 or --int8 static (OpenVINO runs its int8 ranges), not --int8 "
+                             "dynamic; give --int8 static, or --int8 dynamic with --onnx FILE alone")
     if calibration_data is not None and int8 != "static":
         raise InpformerError("--calibration-data calibrates --int8 static; add it, or drop --calibration-data")
     onnx_path = None if onnx_path is None else output_file(onnx_path, "--onnx", ".onnx")
@@ -129,14 +131,15 @@ def export_model(checkpoint: str | Path, onnx_path: str | Path | None = None, in
         fp32 = Path(tmp) / "model.onnx" if int8 or onnx_path is None else onnx_path
         export_onnx(detector.inference_graph(), fp32, detector.config.deployment_geometry().crop_size,
                     detector.metadata())
+        final = fp32
         if int8 == "static":
-            written.append(_static_int8(detector, fp32, onnx_path, *calibration))
+            final = _static_int8(detector, fp32, onnx_path or Path(tmp) / "model.int8.final.onnx", *calibration)
         elif int8 is not None:
-            written.append(quantize_int8(fp32, onnx_path, int8))
-        elif onnx_path is not None:
-            written.append(fp32)
+            final = quantize_int8(fp32, onnx_path, int8)
+        if onnx_path is not None:
+            written.append(final)
         if openvino is not None:
-            written.append(export_openvino(fp32, openvino))
+            written.append(export_openvino(final, openvino))
     return written
 
 

@@ -37,7 +37,7 @@ from .training import Checkpoints, TrainingLog, seed_everything, train
 
 log = logging.getLogger("inpformer")
 CHECKPOINT_FORMAT = "inpformer-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a padded image's score is over its own pixels (1: over the whole padded input)
 
 
 class INPFormer:
@@ -348,6 +348,9 @@ class INPFormer:
         except (TypeError, ValueError, AttributeError, RuntimeError, InpformerError) as error:
             raise InpformerError(f"{path}: malformed checkpoint ({first_line(error)}); retrain or pass the model file "
                                  "written by training") from None
+        if checkpoint.get("format_version") == 1 and detector.config.resize_mode == "pad" and detector.calibration:
+            log.warning("%s: its thresholds were set when a padded image's score was taken over the whole input; "
+                        "scores are now over the image's own pixels: recalibrate with `inpformer calibrate`", path)
         return detector
 
     @classmethod

@@ -4,8 +4,9 @@ Paper protocol: per group 1 - cos(encoder, decoder) on the token grid, bilinearl
 (align_corners=True), averaged over groups, resized to `map_size` (256), Gaussian blur (k=5, sigma=4);
 the image score is the mean of the top 1% map pixels. Pure torch, so it traces into ONNX unchanged.
 A non-square input gives a map of the same aspect ratio, `map_size` on its shorter side. Pixels outside an
-image's valid box (padding, see geometry.py) are set to 0: maps are >= 0, so they never outrank an image pixel
-in the score, and the metrics leave them out.
+image's valid box (padding, see geometry.py) are set to 0 and never count: the score is the mean of the top 1% of
+the image's own pixels (a part padded to a sixth of the input is scored like an unpadded one), and the metrics
+leave them out.
 """
 
 from __future__ import annotations
@@ -61,21 +62,27 @@ class AnomalyScorer(nn.Module):
         maps = F.conv2d(resized, self.blur_weight, padding=pad).squeeze(1)
         return maps if valid is None else maps * valid_pixels(valid, self.map_shape).to(maps.dtype)
 
-    def scores(self, maps: Tensor) -> Tensor:
-        """Image score: mean of the top `top_ratio` of each map's pixels."""
-        return top_mean(maps, self.top_ratio)
+    def scores(self, maps: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Image score: mean of the top `top_ratio` of each map's pixels (of those inside the `valid` boxes)."""
+        return top_mean(maps, self.top_ratio, None if valid is None else valid_pixels(valid, self.map_shape))
 
     def forward(self, output: ModelOutput, zero_shot: bool = False,
                 valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         token_maps = self.zero_shot_token_maps(output) if zero_shot else self.token_maps(output)
         maps = self.maps(token_maps, valid)
-        return maps, self.scores(maps)
+        return maps, self.scores(maps, valid)
 
 
-def top_mean(maps: Tensor, ratio: float) -> Tensor:
-    """[B, H, W] -> [B]: the mean of each map's highest `ratio` of pixels (at least one)."""
-    count = max(1, int(maps.shape[-2] * maps.shape[-1] * ratio))
-    return maps.flatten(1).topk(count, dim=1).values.mean(1)
+def top_mean(maps: Tensor, ratio: float, valid: Tensor | None = None) -> Tensor:
+    """[B, H, W] -> [B]: the mean of each map's highest `ratio` of pixels (at least one); with `valid` (bool
+    [B, H, W]), of each image's valid pixels, which differ in number from image to image."""
+    flat = maps.flatten(1)
+    if valid is None:
+        return flat.topk(max(1, int(flat.shape[1] * ratio)), dim=1).values.mean(1)
+    counts = (valid.flatten(1).sum(1).to(maps.dtype) * ratio).floor().clamp(min=1)
+    ranked = flat.sort(dim=1, descending=True).values
+    kept = torch.arange(flat.shape[1], device=maps.device)[None] < counts[:, None]
+    return (ranked * kept).sum(1) / counts
 
 
 def valid_pixels(boxes: Tensor, shape: Size) -> Tensor:

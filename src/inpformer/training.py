@@ -35,6 +35,7 @@ from .errors import InpformerError, TrainingStopped, first_line
 from .files import read_torch_file, write_atomically
 from .losses import inp_coherence_loss, soft_mining_loss
 from .model import INPFormerNet, ModelOutput
+from .scoring import valid_pixels
 from .tracking import Tracker
 
 log = logging.getLogger("inpformer")
@@ -264,6 +265,9 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
     optimizer = StableAdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     batches = _BatchOrder(len(dataset), config.batch_size, config.seed)
     subsets = _TokenSubsets(config, batch_size, rank, world)
+    # a padded image's subsets are drawn from its own tokens: padding would take up to most of them
+    padded = subsets.count and config.resize_mode == "pad" and isinstance(dataset, ImageDataset)
+    boxes = dataset.valid_boxes() if padded else None
     training_log, state = TrainingLog(), None
     if checkpoints is not None:
         identity = {**_settings(config), **checkpoints.identity}
@@ -317,8 +321,10 @@ def train(net: INPFormerNet, dataset: Dataset, config: Config, progress: bool = 
                    disable=not progress)
         for step in bar:
             stop_if_asked(step)
-            encoded = inputs(_share(next(batches), rank, world))
-            token_subset = subsets(encoded.shape[2])
+            batch = next(batches)
+            encoded = inputs(_share(batch, rank, world))
+            token_subset = subsets(encoded.shape[2], None if boxes is None else _valid_tokens(boxes[batch], config,
+                                                                                             encoded.shape[2]))
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[step])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
@@ -388,12 +394,23 @@ class _TokenSubsets:
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.count, self.batch_size, self.rank, self.world = config.train_tokens, batch_size, rank, world
 
-    def __call__(self, num_tokens: int) -> Tensor | None:
+    def __call__(self, num_tokens: int, valid: Tensor | None = None) -> Tensor | None:
+        """`valid` ([batch, num_tokens] bool) puts an image's valid tokens first: its subset holds padding only
+        when it has fewer valid tokens than the count. All valid, the subsets are those drawn without it."""
         if self.count is None or self.count >= num_tokens:
             return None
         scores = torch.rand(self.batch_size, num_tokens, generator=self.generator)
+        if valid is not None:
+            scores -= (~valid).float()  # padding drawn last; valid tokens keep their draws
         subset = scores.topk(self.count, dim=1).indices
         return torch.tensor_split(subset, self.world)[self.rank]
+
+
+def _valid_tokens(boxes: Tensor, config: Config, num_tokens: int) -> Tensor:
+    """Whether each token's centre is inside its image's valid box: [B, num_tokens] bool."""
+    height, width = config.geometry().crop_size
+    rows = round(math.sqrt(num_tokens * height / width))
+    return valid_pixels(boxes, (rows, num_tokens // rows)).flatten(1)
 
 
 class _BatchOrder:

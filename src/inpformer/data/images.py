@@ -351,6 +351,10 @@ class ImageDataset(torch.utils.data.Dataset):
             item["mask"] = torch.from_numpy(self._mask(sample, image.shape[:2]).astype(np.uint8))
         return item
 
+    def valid_boxes(self) -> torch.Tensor:
+        """Every image's valid box (see `Preprocess.valid_box`), [N, 4], from the image files' headers alone."""
+        return torch.stack([self.preprocess.valid_box(image_shape(s.path)) for s in self.samples])
+
     def _mask(self, sample: Sample, shape: tuple[int, int]) -> np.ndarray:
         mask = sample_mask(sample, shape)
         return np.zeros(self.preprocess.crop_size, dtype=bool) if mask is None else self.preprocess.mask(mask)

@@ -424,15 +424,10 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
         sizes = await run_in_threadpool(_sizes, uploads, settings.max_pixels)
         pixels = sum(size for size in sizes if isinstance(size, int))
         cost = math.ceil(pixels * weight)
-        if cost > settings.max_request_pixels:
-            weighted = f" (x{weight:.1f} for this tiled model: {cost})" if weight != 1 else ""
-            return JSONResponse({"error": f"request too large: its images have {pixels} pixels{weighted}, over the "
-                                          f"limit of {settings.max_request_pixels} per request; send fewer or "
-                                          "smaller images (server option --max-request-pixels)"}, 413)
-        try:
-            lease = request.app.state.pixels.take(cost)
-        except Busy as error:
-            return _busy(error)
+        weighted = f" (x{weight:.1f} for this tiled model: {cost})" if weight != 1 else ""
+        lease = _admit(request, cost, settings.max_request_pixels, f"its images have {pixels} pixels{weighted}")
+        if isinstance(lease, JSONResponse):
+            return lease
         try:
             decoded = await lease.run(_decode, uploads, sizes)
             readable = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
@@ -462,14 +457,9 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
             pixels = await run_in_threadpool(image_pixels, data, settings.max_pixels, name, IMAGE_FORMATS)
         except InpformerError as error:
             return JSONResponse({"error": str(error)}, 400)
-        if pixels > settings.max_request_pixels:
-            return JSONResponse({"error": f"request too large: the image has {pixels} pixels, over the limit of "
-                                          f"{settings.max_request_pixels} per request (server option "
-                                          "--max-request-pixels)"}, 413)
-        try:
-            lease = request.app.state.pixels.take(pixels)
-        except Busy as error:
-            return _busy(error)
+        lease = _admit(request, pixels, settings.max_request_pixels, f"the image has {pixels} pixels")
+        if isinstance(lease, JSONResponse):
+            return lease
         try:
             stored = await lease.run(_keep_mark, Path(settings.feedback_dir), data, pixels, name, label, mark,
                                      marked_by)
@@ -510,6 +500,18 @@ async def _read_mark(request: Request) -> tuple[str, bytes, str, str]:
 
 def _keep_mark(folder: Path, data: bytes, pixels: int, name: str, label: str, mark: dict, model: dict) -> str:
     return store_mark(folder, read_image(data, pixels, name, IMAGE_FORMATS), name, label, mark, model)
+
+
+def _admit(request: Request, cost: int, limit: int, counted: str) -> Lease | JSONResponse:
+    """A lease on `cost` pixels of the server's budget, or the answer refusing the request: 413 when it is over the
+    per-request `limit` (`counted` says what it holds), 503 while the budget is full."""
+    if cost > limit:
+        return JSONResponse({"error": f"request too large: {counted}, over the limit of {limit} per request; send "
+                                      "fewer or smaller images (server option --max-request-pixels)"}, 413)
+    try:
+        return request.app.state.pixels.take(cost)
+    except Busy as error:
+        return _busy(error)
 
 
 def _busy(error: Busy) -> JSONResponse:
