@@ -281,3 +281,28 @@ def test_importing_inpformer_imports_no_logging_package():
             " or m.startswith('torch.utils.tensorboard')]\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_of_a_multi_process_training_at_one_step(dataset, tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: the launcher and each training process."""
+    run = tmp_path / "run"
+    options = [*TINY, "--checkpoint-every", "5", "--devices", "2"]
+    slowed = ("import sys, time\nfrom inpformer import training\nfrom inpformer.cli import main\n"
+              "step = training.StableAdamW.step\n"
+              "training.StableAdamW.step = lambda *args, **kwargs: (time.sleep(0.3), step(*args, **kwargs))[1]\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.Popen([sys.executable, "-c", slowed, "train", "--data", str(dataset / "bolt"), *options,
+                                "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run / ".staging" / "state" / "bolt.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no training state was written"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    stopped = [line for line in errors.splitlines() if "training stopped by SIGINT" in line]
+    assert len(stopped) == 1 and "Traceback" not in errors, errors
+    assert main(["train", "--resume", str(run), "--quiet", "--devices", "2"]) == 0
+    assert trained(run / "models" / "bolt.pt")[1]["resumed_at"][0] >= 5

@@ -386,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(f"inpformer: {stopped}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops at the same step; one says so
+            print(f"inpformer: {stopped}", file=sys.stderr)
         return 128 + stopped.signal
     except KeyboardInterrupt:
         print("inpformer: interrupted", file=sys.stderr)
