@@ -53,6 +53,15 @@ from inpformer.model import INPFormerNet
 from inpformer.scoring import AnomalyScorer, valid_pixels
 from inpformer.training import encode_dataset, seed_everything, train
 
+POS_EMBED_HELP = ("position embeddings: DINOv2's interpolation (scale (n + 0.1) / N), or resampled to the exact "
+                  "grid size (timm's resample_abs_pos_embed without antialiasing, used before)")
+
+
+def use_pos_embed(kind: str) -> None:
+    """For this process: "dinov2" (the product's) or "size", the exact-size resampling the encoder used before."""
+    if kind == "size":  # offset 0: scale n / N, i.e. exactly the n x n output grid's sampling positions
+        backbone.dinov2_pos_embed = functools.partial(backbone.dinov2_pos_embed, offset=0.0)
+
 
 def greedy_coreset(features: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """PatchCore's greedy k-center selection (in a 128-d random projection) of `size` rows of `features`."""
@@ -151,9 +160,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["preset"],
                         help="NAME:KEY=VALUE,... config changes, one curve each (with a single --train-tokens)")
     parser.add_argument("--seeds", default=None, help="comma list of seeds (default: the preset's)")
-    parser.add_argument("--pos-embed", choices=("dinov2", "size"), default="dinov2",
-                        help="position embeddings: DINOv2's interpolation (scale (n + 0.1) / N), or resampled to "
-                             "the exact grid size (timm's resample_abs_pos_embed, used before)")
+    parser.add_argument("--pos-embed", choices=("dinov2", "size"), default="dinov2", help=POS_EMBED_HELP)
     parser.add_argument("--bank-size", type=int, default=16384, help="baseline memory bank (0: every token)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--features", help="file keeping the encoded features between runs: read when it exists "
@@ -170,8 +177,7 @@ def main() -> None:
     if args.variants != ["preset"] and len(tokens_list) > 1:
         parser.error("--variants goes with a single --train-tokens value")
     variants = dict(_variant(text) for text in args.variants)
-    if args.pos_embed == "size":  # offset 0: scale n / N, i.e. exactly the n x n output grid's sampling positions
-        backbone.dinov2_pos_embed = functools.partial(backbone.dinov2_pos_embed, offset=0.0)
+    use_pos_embed(args.pos_embed)
     config = make_config(args.preset, image_size=args.image_size, resize_mode=args.resize_mode,
                          batch_size=args.batch_size)
     seed_everything(config.seed)

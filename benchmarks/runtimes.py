@@ -32,6 +32,8 @@ from inpformer.metrics import MetricAccumulator
 from inpformer.runtime import TorchRuntime
 from inpformer.scoring import valid_pixels
 
+RUNTIMES = ("torch", "onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic", "openvino-fp32", "openvino-int8-static")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +44,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: all cores)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images of each type")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help="comma list; the first is the reference for the differences (default: all)")
     args = parser.parse_args()
+    chosen = args.runtimes.split(",")
+    if unknown := set(chosen) - set(RUNTIMES):
+        parser.error(f"--runtimes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(RUNTIMES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -66,24 +73,23 @@ def main() -> None:
           f"{args.threads or 'all'} threads")
 
     run_dir = checkpoint.parent.parent if (checkpoint.parent.parent / "run.json").is_file() else None
-    exports = {"onnx fp32": {}, "onnx int8 static": {"int8": "static"}, "onnx int8 dynamic": {"int8": "dynamic"}}
+    if any(name.startswith("openvino") for name in chosen) and importlib.util.find_spec("openvino") is None:
+        print("openvino: not installed (pip install 'inpformer[openvino]'), skipped")
+        chosen = [name for name in chosen if not name.startswith("openvino")]
     with tempfile.TemporaryDirectory() as folder:
-        runtimes = {"torch": TorchRuntime(detector.inference_graph())}
-        metadata = {"torch": detector.metadata()}
-        for name, options in exports.items():
+        runtimes, metadata = {}, {"torch": detector.metadata()}
+        for name in chosen:
             start = time.perf_counter()
-            [path] = export_model(checkpoint, Path(folder) / f"{name.replace(' ', '-')}.onnx", run_dir=run_dir,
-                                  calibration_data=args.calibration_data if "static" in name else None, **options)
+            if name == "torch":
+                runtimes[name] = TorchRuntime(detector.inference_graph())
+                continue
+            int8 = {"static": "static", "dynamic": "dynamic"}.get(name.rsplit("-", 1)[-1])
+            target = {"openvino": Path(folder) / name} if name.startswith("openvino") else {
+                "onnx_path": Path(folder) / f"{name}.onnx"}
+            [path] = export_model(checkpoint, int8=int8, run_dir=run_dir,
+                                  calibration_data=args.calibration_data if int8 == "static" else None, **target)
             print(f"exported {name} in {time.perf_counter() - start:.0f} s")
             runtimes[name] = open_runtime(path, args.threads)
-        if importlib.util.find_spec("openvino") is not None:
-            [path] = export_model(checkpoint, openvino=Path(folder) / "openvino")
-            runtimes["openvino"] = open_runtime(path, args.threads)
-            [path] = export_model(checkpoint, openvino=Path(folder) / "openvino-int8", int8="static", run_dir=run_dir,
-                                  calibration_data=args.calibration_data)
-            runtimes["openvino int8"] = open_runtime(path, args.threads)
-        else:
-            print("openvino: not installed (pip install 'inpformer[openvino]'), skipped")
         reference, speeds = None, {}
         for name, runtime in runtimes.items():
             info = metadata.get(name) or runtime.metadata
@@ -99,9 +105,9 @@ def main() -> None:
             accumulator.add(labels, scores, masks, maps, valid_pixels(torch.from_numpy(valid), maps.shape[1:]).numpy())
             metrics = accumulator.compute()
             reference = reference or (maps, scores, scores > threshold)
-            ratio = f" ({speeds[name] / speeds['onnx fp32']:.2f}x fp32)" if "onnx fp32" in speeds else ""
-            print(f"{name:17s} {speeds[name]:6.2f} images/s{ratio:13s}  max |map - torch| "
-                  f"{np.abs(maps - reference[0]).max():.2e}  max |score - torch| "
+            ratio = f" ({speeds[name] / speeds['onnx-fp32']:.2f}x fp32)" if "onnx-fp32" in speeds else ""
+            print(f"{name:18s} {speeds[name]:6.2f} images/s{ratio:13s}  max |map - {chosen[0]}| "
+                  f"{np.abs(maps - reference[0]).max():.2e}  max |score - {chosen[0]}| "
                   f"{np.abs(scores - reference[1]).max():.2e}  decisions differing "
                   f"{int(((scores > threshold) != reference[2]).sum())}  threshold {threshold:.5f}  "
                   f"I-AUROC {metrics['I-AUROC']:.4f}  P-AUROC {metrics['P-AUROC']:.4f}", flush=True)

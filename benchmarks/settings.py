@@ -7,12 +7,17 @@ categories, `--repeats` independent draws reported as mean ± std. Zero-shot: ea
     python benchmarks/settings.py --data ../shared/datasets --out runs/settings
     # the previous cpu preset, few-shot only (the before/after table of the few-shot expansion in docs/)
     python benchmarks/settings.py --image-size 224 --resize-mode stretch --train-tokens all --no-zero-shot
+    # the same with the encoder's previous position embeddings (to change one thing at a time against old numbers)
+    python benchmarks/settings.py --image-size 224 --resize-mode stretch --train-tokens all --no-zero-shot \
+        --shots 1 --pos-embed size
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from budget import POS_EMBED_HELP, use_pos_embed
 
 from inpformer import DataSource, Evaluation, make_config, test_run, train_run
 from inpformer.metrics import METRIC_NAMES
@@ -31,8 +36,10 @@ def main() -> None:
     parser.add_argument("--resize-mode", choices=("stretch", "pad"))
     parser.add_argument("--train-tokens", help="a count or 'all'")
     parser.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
+    parser.add_argument("--pos-embed", choices=("dinov2", "size"), default="dinov2", help=POS_EMBED_HELP)
     parser.add_argument("--out", default="runs/settings")
     args = parser.parse_args()
+    use_pos_embed(args.pos_embed)
     tokens = args.train_tokens
     overrides = {"image_size": args.image_size, "resize_mode": args.resize_mode,
                  "train_tokens": int(tokens) if tokens and tokens.isdigit() else tokens}

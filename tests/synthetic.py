@@ -16,6 +16,15 @@ from PIL import Image
 DEFAULT_DEFECTS: Mapping[str, int] = MappingProxyType({"scratch": 3})
 
 
+def tiny_cli(iterations: int = 30, warmup: int = 5, image_size: int | None = 64,
+             crop_size: int | None = 56) -> list[str]:
+    """CLI training options for a tiny random-backbone model that trains in seconds."""
+    size = [] if image_size is None else ["--image-size", str(image_size)]
+    crop = [] if crop_size is None else ["--crop-size", str(crop_size)]
+    return ["--backbone", "tiny_random", *size, *crop, "--iterations", str(iterations), "--batch-size", "4",
+            "--warmup-iterations", str(warmup), "--quiet"]
+
+
 def textured_image(
     rng: np.random.Generator, size: int, base: Sequence[float] = (128, 128, 128)
 ) -> np.ndarray:

@@ -6,14 +6,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from synthetic import add_defect, save_image, textured_image
+from synthetic import add_defect, save_image, textured_image, tiny_cli
 
 from inpformer import INPFormer, load_mvtec, training
 from inpformer.cli import main
 from inpformer.scoring import valid_pixels
 
-TINY = ["--backbone", "tiny_random", "--iterations", "20", "--batch-size", "4", "--warmup-iterations", "5",
-        "--quiet"]
+TINY = tiny_cli(20, image_size=None, crop_size=None)
 
 
 def _tall(image: np.ndarray, width: int) -> np.ndarray:

@@ -4,7 +4,7 @@ import csv
 import shutil
 
 import pytest
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer.audit import audit_run
 from inpformer.cli import main
@@ -18,9 +18,7 @@ def planted_run(tmp_path_factory):
     for i, defective in enumerate(sorted((data / "plate" / "test" / "spot").iterdir())):
         shutil.copy(defective, good / f"planted-{i}.png")
     run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--backbone", "tiny_random", "--image-size", "64",
-                 "--crop-size", "56", "--iterations", "10", "--batch-size", "4", "--warmup-iterations", "2",
-                 "--quiet"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny_cli(10, warmup=2)]) == 0
     return run
 
 

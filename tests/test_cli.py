@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer import INPFormer, load_mvtec
 from inpformer.cli import main
 from inpformer.metrics import METRIC_NAMES, compute_metrics
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",
-        "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
+TINY = tiny_cli()
 
 
 @pytest.fixture(scope="module")

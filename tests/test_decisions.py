@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from synthetic import make_mvtec, textured_image
+from synthetic import make_mvtec, textured_image, tiny_cli
 
 from inpformer import INPFormer
 from inpformer.calibration import Calibration, Thresholds
@@ -22,8 +22,7 @@ from inpformer.export import read_onnx_metadata
 from inpformer.inference import Predictor, find_defects, model_metadata
 from inpformer.runtime import RuntimeOutput
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "8",
-        "--batch-size", "4", "--warmup-iterations", "2", "--quiet"]
+TINY = tiny_cli(8, warmup=2)
 PIXEL = 2.0  # between the fake runtime's map of the dark texture (below 1) and of white paint (~2.4)
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_mvtec, save_image, textured_image
+from synthetic import make_mvtec, save_image, textured_image, tiny_cli
 
 from inpformer import demo
 from inpformer.cli import build_parser, main
@@ -49,8 +49,7 @@ from inpformer.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",
-        "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
+TINY = tiny_cli()
 TINY_CALL = ('INPFormer(preset="cpu", backbone="tiny_random", image_size=64, crop_size=56, iterations=30, '
              "batch_size=4, warmup_iterations=5)")
 PRESET_CALL = re.compile(r"INPFormer\(\s*preset=[^()]*\)")

@@ -8,15 +8,14 @@ import shutil
 import onnx
 import pytest
 import torch
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer import INPFormer
 from inpformer.cli import main
 from inpformer.errors import InpformerError
 from inpformer.files import write_atomically
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "20",
-        "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
+TINY = tiny_cli(20)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic import add_defect, make_mvtec, textured_image
+from synthetic import add_defect, make_mvtec, textured_image, tiny_cli
 
 from inpformer import INPFormer
 from inpformer.calibration import Calibration, Thresholds, calibrate
@@ -15,8 +15,7 @@ from inpformer.cli import main
 from inpformer.data.geometry import Geometry
 from inpformer.inference import find_defects
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",
-        "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
+TINY = tiny_cli()
 
 
 @pytest.fixture(scope="module")

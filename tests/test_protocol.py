@@ -2,7 +2,7 @@
 unless bf16 is asked for."""
 
 import pytest
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer import INPFormer, load_mvtec, make_config
 from inpformer.cli import main
@@ -41,9 +41,7 @@ def test_thresholds_record_the_images_that_set_them(data, tmp_path):
 
 def test_calibrate_on_other_images_records_them(data, tmp_path):
     run = tmp_path / "run"
-    options = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "6",
-               "--batch-size", "4", "--warmup-iterations", "2", "--val-fraction", "0", "--quiet"]
-    assert main(["train", "--data", str(data), "--out", str(run), *options]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny_cli(6, warmup=2), "--val-fraction", "0"]) == 0
     assert main(["calibrate", str(run), "--data", str(data), "--method", "f1", "--quiet"]) == 0
     source = INPFormer.load(run / "models" / "plate.pt").calibration.source
     assert source == f"3 good and 2 defective test images of {data}"

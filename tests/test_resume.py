@@ -12,14 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer import INPFormer, InpformerError, TrainingStopped, load_mvtec, training
 from inpformer.cli import main
 from inpformer.runs import read_run
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "30",
-        "--batch-size", "4", "--warmup-iterations", "5", "--quiet"]
+TINY = tiny_cli()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer import INPFormer
 from inpformer.calibration import calibrate
@@ -20,8 +20,7 @@ from inpformer.quantize import _DECODER_MLP_INPUT, _channel_maxima, _smooth_deco
 from inpformer.runs import held_out_images
 from inpformer.runtime import full_boxes
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "8",
-        "--batch-size", "4", "--warmup-iterations", "2", "--quiet"]
+TINY = tiny_cli(8, warmup=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from synthetic import make_mvtec
+from synthetic import make_mvtec, tiny_cli
 
 from inpformer import INPFormer, load_mvtec
 from inpformer.cli import main
@@ -577,10 +577,8 @@ def test_feedback_dir_is_checked_up_front(tmp_path, capsys):
 
 def test_a_feedback_folder_recalibrates_a_run_and_joins_its_training(tmp_path):
     data = make_mvtec(tmp_path / "data", categories=("plate",), n_train=10, n_good_test=2, defect_types={"spot": 2})
-    tiny = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "5",
-            "--batch-size", "4", "--warmup-iterations", "2", "--quiet"]
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny_cli(5, warmup=2)]) == 0
     marked = feedback_folders(tmp_path / "feedback") / "good"
     for i in range(4):
         (marked / f"{i}.png").write_bytes(png_bytes(56, 56, seed=i))
@@ -589,7 +587,8 @@ def test_a_feedback_folder_recalibrates_a_run_and_joins_its_training(tmp_path):
     assert INPFormer.load(run / "models" / "plate.pt").calibration.source == f"4 good images of {marked}"
 
     retrained = tmp_path / "retrained"
-    assert main(["train", "--data", str(data), "--extra-good", str(marked), "--out", str(retrained), *tiny]) == 0
+    assert main(["train", "--data", str(data), "--extra-good", str(marked), "--out", str(retrained),
+                 *tiny_cli(5, warmup=2)]) == 0
     info = json.loads((retrained / "run.json").read_text())["models"]["plate"]
     assert info["extra_good"] == {"folder": str(marked.resolve()), "images": 4}
     # fitted on 9 + 4 images; the held-out image is the one of the run without them

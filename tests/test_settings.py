@@ -3,13 +3,12 @@
 import json
 
 import pytest
-from synthetic import make_folder, make_mvtec, make_realiad, make_visa_raw
+from synthetic import make_folder, make_mvtec, make_realiad, make_visa_raw, tiny_cli
 
 from inpformer.cli import main
 from inpformer.metrics import METRIC_NAMES
 
-TINY = ["--backbone", "tiny_random", "--image-size", "64", "--crop-size", "56", "--iterations", "12",
-        "--batch-size", "4", "--warmup-iterations", "3", "--quiet"]
+TINY = tiny_cli(12, warmup=3)
 
 
 def metrics_of(run):

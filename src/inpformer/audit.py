@@ -102,7 +102,8 @@ def _out_of_fold(samples: list[Sample], config: Config, folds: int,
         held_out = np.flatnonzero(assignment == fold)
         detector = INPFormer.from_config(config)
         detector.categories = sorted({s.category for s in samples})
-        detector.net = base._build()
+        detector.backbone_source = base.backbone_source
+        detector.net = detector._build(shared_encoder=base.net.encoder)
         detector.training_log = train(detector.net, Subset(dataset, fitting.tolist()), config, progress=progress,
                                       features=features[fitting])
         detector.net.eval()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import official
-from .backbone import build_encoder, load_encoder
+from .backbone import Encoder, build_encoder, load_encoder
 from .calibration import Calibration, calibrate, change_record
 from .config import Config, config_from_dict, make_config
 from .data.augment import ExpandedDataset
@@ -78,11 +78,15 @@ class INPFormer:
                 AnomalyScorer(geometry.crop_size, config.map_size, config.blur_kernel, config.blur_sigma,
                               config.top_ratio))
 
-    def _build(self, encoder_weights: dict[str, torch.Tensor] | None = None) -> INPFormerNet:
-        """The network, its encoder from `encoder_weights` (keeping `backbone_source`) or else from the backbone's
+    def _build(self, encoder_weights: dict[str, torch.Tensor] | None = None,
+               shared_encoder: Encoder | None = None) -> INPFormerNet:
+        """The network, its encoder from `encoder_weights` (keeping `backbone_source`), or `shared_encoder` itself
+        (frozen, so several networks can train on one: keeping `backbone_source`), or else from the backbone's
         weight sources."""
         seed_everything(self.config.seed)
-        if encoder_weights is None:
+        if shared_encoder is not None:
+            encoder = shared_encoder
+        elif encoder_weights is None:
             encoder, self.backbone_source = load_encoder(self.config.backbone, self.config.crop_size,
                                                          self.config.backbone_weights)
         else:
