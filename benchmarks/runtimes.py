@@ -83,7 +83,7 @@ def main() -> None:
             if name == "torch":
                 runtimes[name] = TorchRuntime(detector.inference_graph())
                 continue
-            int8 = {"static": "static", "dynamic": "dynamic"}.get(name.rsplit("-", 1)[-1])
+            int8 = name.rsplit("-", 1)[-1] if "-int8-" in name else None  # "static" or "dynamic"
             target = {"openvino": Path(folder) / name} if name.startswith("openvino") else {
                 "onnx_path": Path(folder) / f"{name}.onnx"}
             [path] = export_model(checkpoint, int8=int8, run_dir=run_dir,
