@@ -9,7 +9,8 @@ The frozen encoder runs once over the fitted training images and the test images
 - INP-Former trains from the cached features and is evaluated at each of `--steps` (one run of max(steps)
   steps: an earlier point has not finished its cosine schedule, so it is a slightly pessimistic estimate of a
   run of that length);
-both through `AnomalyScorer` (upsampling, blur, top-1 % score) and `MetricAccumulator`, as `inpformer test`.
+both through `AnomalyScorer` (upsampling, blur, top-1 % score) and `MetricAccumulator`, as `inpformer test`, with
+the I-AUROC within subsets of the test set too (each defect type with the good images; thirds by image area).
 
     python benchmarks/budget.py --data ../shared/datasets/magnetic_tile --image-size 224 --steps 250,500,1000 \\
         --out runs/budget/mt_224.json
@@ -33,12 +34,15 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from inpformer import backbone, load_mvtec, make_config
@@ -110,20 +114,41 @@ def encode_test(net: INPFormerNet, preprocess: Preprocess, samples, map_shape: t
     return torch.cat(features), np.concatenate(labels), np.concatenate(masks), torch.cat(valid)
 
 
-def evaluate(token_maps_of, features: torch.Tensor, labels, masks, valid, scorer: AnomalyScorer) -> dict[str, float]:
-    """Metrics of the maps `token_maps_of(features batch)` gives ([B, groups, rows, columns])."""
-    accumulator = MetricAccumulator()
+def evaluate(token_maps_of, features: torch.Tensor, labels, masks, valid, scorer: AnomalyScorer,
+             subsets: dict[str, np.ndarray]) -> dict:
+    """Metrics of the maps `token_maps_of(features batch)` gives ([B, groups, rows, columns]), plus the I-AUROC
+    within each of `subsets` (boolean masks over the test images)."""
+    accumulator, scores = MetricAccumulator(), []
     with torch.inference_mode():
         for start in range(0, len(features), 16):
             part = slice(start, start + 16)
             maps = scorer.maps(token_maps_of(features[part]), valid[part])
-            accumulator.add(labels[part], scorer.scores(maps, valid[part]).numpy(), masks[part], maps.numpy(),
+            scores.append(scorer.scores(maps, valid[part]).numpy())
+            accumulator.add(labels[part], scores[-1], masks[part], maps.numpy(),
                             valid_pixels(valid[part], scorer.map_shape).numpy())
-    return accumulator.compute()
+    scores = np.concatenate(scores)
+    by_subset = {name: float(roc_auc_score(labels[inside], scores[inside])) for name, inside in subsets.items()
+                 if len(set(labels[inside])) == 2}
+    return {**accumulator.compute(), "I-AUROC by subset": by_subset}
+
+
+def test_subsets(samples) -> dict[str, np.ndarray]:
+    """Where a detector loses: each defect type with every good image, and each third of the images by area
+    (read from the file headers), good and defective alike."""
+    types = np.array([sample.defect_type for sample in samples])
+    subsets = {t: (types == t) | (types == "good") for t in sorted(set(types) - {"good"})}
+    areas = np.array([math.prod(Image.open(sample.path).size) for sample in samples])
+    thirds = np.digitize(areas, np.quantile(areas, [1 / 3, 2 / 3]))
+    for third in range(3):
+        inside = thirds == third
+        if inside.any():
+            subsets[f"area {areas[inside].min()}-{areas[inside].max()} px"] = inside
+    return subsets
 
 
 def learning_curve(net: INPFormerNet, train_set, train_features: torch.Tensor, config, steps: list[int],
-                   cache_seconds: float, test_data, scorer: AnomalyScorer, label: str) -> list[dict]:
+                   cache_seconds: float, test_data, scorer: AnomalyScorer, subsets: dict[str, np.ndarray],
+                   label: str) -> list[dict]:
     """Trains `net` for max(steps) steps from the cached features, evaluating after each of `steps`."""
     rows, clock = [], {"train": 0.0, "since": time.perf_counter()}
 
@@ -132,7 +157,7 @@ def learning_curve(net: INPFormerNet, train_set, train_features: torch.Tensor, c
             return
         clock["train"] += time.perf_counter() - clock["since"]
         model.eval()
-        metrics = evaluate(lambda f: scorer.token_maps(model.decode(f)), *test_data, scorer)
+        metrics = evaluate(lambda f: scorer.token_maps(model.decode(f)), *test_data, scorer, subsets)
         model.train()
         rows.append({"method": f"INP-Former ({label})", "seed": config.seed, "steps": done,
                      "train_min": (cache_seconds + clock["train"]) / 60, "step_s": clock["train"] / done, **metrics})
@@ -154,6 +179,9 @@ def main() -> None:
                         help="decoder tokens per image per step, 'all', or the preset's; a comma list trains one "
                              "model each")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--encoding", choices=("fp32", "bf16"), default="fp32",
+                        help="arithmetic of the training images' encoding (bf16: autocast; an experiment, the "
+                             "product encodes in fp32); the test images are always encoded in fp32")
     parser.add_argument("--steps", default="250,500,1000",
                         help="evaluate INP-Former after these steps (0: train none); a ';'-separated list gives "
                              "one per --train-tokens")
@@ -192,7 +220,7 @@ def main() -> None:
     train_set = ImageDataset(fitting, preprocess)
     key = {"data": args.data if args.data == "demo" else str(Path(args.data).resolve()), "pos_embed": args.pos_embed,
            "preprocess": [config.backbone, config.image_size, config.crop_size, config.resize_mode, config.map_size],
-           "images": [len(fitting), len(test)]}
+           "images": [len(fitting), len(test)], "train_encoding": args.encoding}
     if args.features and Path(args.features).is_file():
         saved = torch.load(args.features, weights_only=True)  # written below by this script
         if saved["key"] != key:
@@ -201,7 +229,8 @@ def main() -> None:
         test_data = (saved["test"], saved["labels"].numpy(), saved["masks"].numpy(), saved["valid"])
     else:
         start = time.perf_counter()
-        train_features = encode_dataset(net, train_set, progress=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.encoding == "bf16"):  # this thread's encoder
+            train_features = encode_dataset(net, train_set, progress=False)
         cache_seconds = time.perf_counter() - start
         test_data = encode_test(net, preprocess, test, scorer.map_shape)
         if args.features:
@@ -210,6 +239,7 @@ def main() -> None:
                      "valid": test_data[3]}
             write_atomically(args.features, lambda temporary: torch.save(saved, temporary))
     test_features = test_data[0]
+    subsets = test_subsets(test)
     print(f"{Path(args.data).name} (position embeddings: {args.pos_embed}): {len(fitting)} training, "
           f"{len(test)} test images at "
           f"{format_size(preprocess.crop_size)} ({config.resize_mode}), "
@@ -220,7 +250,8 @@ def main() -> None:
         baseline = NearestNeighbour(train_features.mean(dim=1), args.bank_size, config.seed)
         bank_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = evaluate(lambda f: scorer.to_grid(baseline.distances(f.mean(dim=1))[:, None]), *test_data, scorer)
+        metrics = evaluate(lambda f: scorer.to_grid(baseline.distances(f.mean(dim=1))[:, None]), *test_data, scorer,
+                           subsets)
         rows.append({"method": f"nearest neighbour (bank {len(baseline.bank)})", "steps": 0,
                      "train_min": (cache_seconds + bank_seconds) / 60,
                      "search_ms_per_image": 1000 * (time.perf_counter() - start) / len(test), **metrics})
@@ -238,7 +269,7 @@ def main() -> None:
             net = INPFormerNet(encoder, encoder.embed_dim, encoder.num_heads, config.num_inps, config.decoder_depth)
             label = f"{name}, train tokens {run_config.train_tokens or 'all'}"
             rows += learning_curve(net, train_set, train_features, run_config, steps, cache_seconds, test_data,
-                                   scorer, label)
+                                   scorer, subsets, label)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"data": args.data, "pos_embed": args.pos_embed, "config": config.to_dict(),
                                           "rows": rows}, indent=2))
@@ -259,8 +290,9 @@ def _variant(text: str) -> tuple[str, dict]:
 
 def _format(row: dict) -> str:
     metrics = " ".join(f"{name} {100 * row[name]:5.1f}" for name in METRIC_NAMES)
+    subsets = ", ".join(f"{name} {100 * value:.1f}" for name, value in row["I-AUROC by subset"].items())
     return (f"{row['method']:<48} seed {row.get('seed', '-')!s:>3} steps {row['steps']:>5}  "
-            f"train {row['train_min']:5.1f} min  {metrics}")
+            f"train {row['train_min']:5.1f} min  {metrics}\n    I-AUROC by subset: {subsets}")
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-parallel training processes on this machine, one per GPU (default 1); "
                             "--batch-size is the total over them. Several machines: torchrun, see docs/gpus.md")
     train.add_argument("--precision", choices=("fp32", "bf16"),
-                       help="training arithmetic (default fp32, as the paper; bf16: autocast, faster on recent GPUs, "
-                            "its effect on accuracy is measured in docs/gpus.md when a GPU was available)")
+                       help="training arithmetic (default fp32, as the paper; bf16: decoder under autocast, faster on "
+                            "recent GPUs and on CPUs with AVX512-BF16 or AMX, less accurate: docs/accuracy.md)")
     train.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                        help="do not torch.compile the decoder (only ever compiled when training on CUDA)")
     train.add_argument("--extra-good", metavar="DIR",
