@@ -132,18 +132,23 @@ def evaluate(token_maps_of, features: torch.Tensor, labels, masks, valid, scorer
     return {**accumulator.compute(), "I-AUROC by subset": by_subset}
 
 
-def test_subsets(samples) -> dict[str, np.ndarray]:
-    """Where a detector loses: each defect type with every good image, and each third of the images by area
-    (read from the file headers), good and defective alike."""
-    types = np.array([sample.defect_type for sample in samples])
-    subsets = {t: (types == t) | (types == "good") for t in sorted(set(types) - {"good"})}
-    areas = np.array([math.prod(Image.open(sample.path).size) for sample in samples])
-    thirds = np.digitize(areas, np.quantile(areas, [1 / 3, 2 / 3]))
-    for third in range(3):
-        inside = thirds == third
-        if inside.any():
+def breakdown_subsets(samples) -> dict[str, np.ndarray]:
+    """Where a detector loses: each defect type with every good image, and, when the images' sizes differ, each
+    third of them by area (good and defective alike)."""
+    types = [sample.defect_type for sample in samples]
+    subsets = {kind: np.isin(types, [kind, "good"]) for kind in sorted(set(types) - {"good"})}
+    areas = np.array([_area(sample.path) for sample in samples])
+    if len(set(areas)) > 1:
+        thirds = np.digitize(areas, np.quantile(areas, [1 / 3, 2 / 3]))
+        for third in np.unique(thirds):
+            inside = thirds == third
             subsets[f"area {areas[inside].min()}-{areas[inside].max()} px"] = inside
     return subsets
+
+
+def _area(path: Path) -> int:
+    with Image.open(path) as image:  # reads the header only
+        return math.prod(image.size)
 
 
 def learning_curve(net: INPFormerNet, train_set, train_features: torch.Tensor, config, steps: list[int],
@@ -239,7 +244,7 @@ def main() -> None:
                      "valid": test_data[3]}
             write_atomically(args.features, lambda temporary: torch.save(saved, temporary))
     test_features = test_data[0]
-    subsets = test_subsets(test)
+    subsets = breakdown_subsets(test)
     print(f"{Path(args.data).name} (position embeddings: {args.pos_embed}): {len(fitting)} training, "
           f"{len(test)} test images at "
           f"{format_size(preprocess.crop_size)} ({config.resize_mode}), "
