@@ -69,12 +69,8 @@ class AnomalyScorer(nn.Module):
     def forward(self, output: ModelOutput, zero_shot: bool = False,
                 valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         token_maps = self.zero_shot_token_maps(output) if zero_shot else self.token_maps(output)
-        maps = self.maps(token_maps)
-        if valid is None:
-            return maps, top_mean(maps, self.top_ratio)
-        inside = valid_pixels(valid, self.map_shape)  # built once for the map and the score
-        maps = maps * inside.to(maps.dtype)
-        return maps, top_mean(maps, self.top_ratio, inside)
+        maps = self.maps(token_maps, valid)
+        return maps, self.scores(maps, valid)
 
 
 def top_mean(maps: Tensor, ratio: float, valid: Tensor | None = None) -> Tensor:
